@@ -1,0 +1,24 @@
+# Dev habits in one place; CI calls `make test` too (.ci/run).
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(PY) -m local.run
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check layers functions tmux_host local tests bench
+
+bench: setup
+	@scripts/setup.sh wrk
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .data .pytest_cache

@@ -1,0 +1,1 @@
+"""The Lambda functions: ``api`` (FastAPI behind Mangum) and ``authorizer`` (API Gateway REQUEST authorizer)."""

@@ -1,0 +1,1 @@
+"""The API Gateway Lambda REQUEST authorizer (``handler.py``)."""

@@ -1,0 +1,89 @@
+"""API Gateway (REST) Lambda REQUEST authorizer.
+
+Reads ``Authorization: Bearer <jwt>``, verifies it with ``tmuxi.services.auth.authorize`` and answers with an
+IAM policy allowing ``execute-api:Invoke`` on every method of the stage (so a cached policy is valid for all
+routes) plus the principal as authorizer context. Any refusal raises ``Exception("Unauthorized")`` -- that
+exact message is how API Gateway is told to answer 401. The token itself is never logged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tmuxi.errors import Unauthorized
+from tmuxi.models import Principal
+from tmuxi.observability import AUTH_FAILURES, logger
+from tmuxi.services import auth as auth_service
+
+# Reasons are a closed set: they become a metric label.
+_REASONS = frozenset(
+    {"missing", "malformed", "expired", "invalid_signature", "invalid_claims", "revoked", "invalid"}
+)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _header(event: dict[str, Any], name: str) -> str | None:
+    """Case-insensitive header lookup over ``headers`` then ``multiValueHeaders``."""
+    name = name.lower()
+    for k, v in (event.get("headers") or {}).items():
+        if k.lower() == name and v is not None:
+            return str(v)
+    for k, vs in (event.get("multiValueHeaders") or {}).items():
+        if k.lower() == name and vs:
+            return str(vs[-1])
+    return None
+
+
+def bearer_token(event: dict[str, Any]) -> str:
+    value = _header(event, "authorization")
+    if value is None or not value.strip():
+        raise _Refused("missing")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token or token.count(".") != 2:
+        raise _Refused("malformed")
+    return token
+
+
+def stage_resource(method_arn: str) -> str:
+    """``arn:aws:execute-api:region:acct:apiId/stage/VERB/path...`` -> ``arn:...:apiId/stage/*/*``."""
+    arn_prefix, _, rest = method_arn.partition("/")
+    stage = rest.split("/", 1)[0] if rest else "*"
+    return f"{arn_prefix}/{stage or '*'}/*/*"
+
+
+def allow_policy(principal: Principal, method_arn: str) -> dict[str, Any]:
+    return {
+        "principalId": str(principal.user_id),
+        "policyDocument": {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Action": "execute-api:Invoke", "Effect": "Allow", "Resource": stage_resource(method_arn)}
+            ],
+        },
+        "context": auth_service.principal_to_context(principal),
+    }
+
+
+def _reason_of(exc: Unauthorized) -> str:
+    reason = str(exc.details.get("reason", "invalid")) if exc.details else "invalid"
+    return reason if reason in _REASONS else "invalid"
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    request_id = (event.get("requestContext") or {}).get("requestId")
+    try:
+        token = bearer_token(event)
+        try:
+            principal = auth_service.authorize(token)
+        except Unauthorized as exc:
+            raise _Refused(_reason_of(exc)) from None
+    except _Refused as refused:
+        AUTH_FAILURES.labels(reason=refused.reason).inc()
+        logger.info("authorization refused", extra={"reason": refused.reason, "request_id": request_id})
+        raise Exception("Unauthorized") from None  # noqa: TRY002 - the exact contract with API Gateway
+    return allow_policy(principal, str(event.get("methodArn", "")))

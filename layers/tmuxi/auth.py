@@ -1,0 +1,82 @@
+"""Passwords (scrypt) and access tokens (JWT, RFC 8725: one pinned algorithm, explicit ``typ``, and exp, nbf,
+iat, aud, iss, sub and jti required and checked)."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from typing import Any
+
+import jwt
+
+from tmuxi.errors import Unauthorized
+from tmuxi.settings import get_settings
+
+ALGORITHM = "HS256"  # pinned: the only algorithm ever accepted
+TOKEN_TYPE = "at+jwt"  # RFC 9068 access-token type, checked on every token
+_REQUIRED = ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    return "scrypt$" + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+
+
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    """Constant work whether or not the user exists (pass ``None`` for an unknown user)."""
+    scheme, salt_b64, digest_b64 = (stored or _DUMMY_HASH).split("$")
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt_b64), dklen=32, **_SCRYPT)
+    return hmac.compare_digest(digest, base64.b64decode(digest_b64)) and stored is not None
+
+
+def issue_token(user_id: uuid.UUID, username: str, role: str) -> tuple[str, int]:
+    s = get_settings()
+    now = int(time.time())
+    claims = {
+        "sub": str(user_id), "name": username, "role": role, "jti": uuid.uuid4().hex,
+        "iat": now, "nbf": now, "exp": now + s.jwt_ttl_s, "iss": s.jwt_issuer, "aud": s.jwt_audience,
+    }
+    token = jwt.encode(claims, s.require_jwt_secret(), algorithm=ALGORITHM, headers={"typ": TOKEN_TYPE})
+    return token, s.jwt_ttl_s
+
+
+def decode_token(token: str) -> dict[str, Any]:
+    """Verify a token; raise Unauthorized with the reason (logged, never returned to callers verbatim)."""
+    s = get_settings()
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("typ") != TOKEN_TYPE:
+            raise Unauthorized("wrong token type", reason="typ")
+        claims: dict[str, Any] = jwt.decode(
+            token, s.require_jwt_secret(), algorithms=[ALGORITHM], audience=s.jwt_audience, issuer=s.jwt_issuer,
+            options={"require": _REQUIRED, "strict_aud": True}, leeway=5,
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("token expired", reason="expired") from exc
+    except jwt.InvalidAudienceError as exc:
+        raise Unauthorized("wrong audience", reason="audience") from exc
+    except jwt.InvalidIssuerError as exc:
+        raise Unauthorized("wrong issuer", reason="issuer") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise Unauthorized("bad signature", reason="signature") from exc
+    except jwt.InvalidAlgorithmError as exc:
+        raise Unauthorized("algorithm not allowed", reason="algorithm") from exc
+    except jwt.PyJWTError as exc:
+        raise Unauthorized("malformed token", reason="malformed") from exc
+    if claims.get("role") not in ("user", "admin") or not isinstance(claims.get("name"), str):
+        raise Unauthorized("malformed token", reason="claims")
+    try:
+        uuid.UUID(claims["sub"])
+    except (ValueError, TypeError) as exc:
+        raise Unauthorized("malformed token", reason="sub") from exc
+    return claims

@@ -1,0 +1,196 @@
+"""Redis: the session cache, the token revocation list, per-user rate limits and the host registry.
+
+Redis is not on the critical path. Every call goes through ``_gate``: when Redis cannot be reached the call
+returns ``DOWN`` at once (for ``redis_retry_after_s``) and callers fall back to PostgreSQL or to an in-process
+answer: slower, never wrong. Cache entries carry a generation number; a process that saw Redis down bumps the
+generation when Redis returns, which invalidates every entry that a missed invalidation could have left stale.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tmuxi.observability import ERRORS, logger
+from tmuxi.settings import get_settings
+
+
+class _Down:
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+DOWN: Final = _Down()
+T = TypeVar("T")
+
+_GEN = "cache:gen"
+_REVOCATIONS_LOADED = "revocations:loaded"
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self._client: redis.Redis | None = None
+        self._down_until = 0.0
+        self._was_down = False
+        self._lock = threading.Lock()
+
+    def client(self) -> redis.Redis | None:
+        if self._client is None:
+            s = get_settings()
+            if s.redis_url is None:
+                return None
+            with self._lock:
+                if self._client is None:
+                    self._client = redis.Redis.from_url(
+                        s.redis_url,
+                        socket_timeout=s.redis_timeout_s,
+                        socket_connect_timeout=s.redis_timeout_s,
+                        retry=Retry(NoBackoff(), 0),
+                        decode_responses=True,
+                        max_connections=64,
+                    )
+        return self._client
+
+    def call(self, fn: Callable[[redis.Redis], T]) -> T | _Down:
+        client = self.client()
+        if client is None or time.monotonic() < self._down_until:
+            return DOWN
+        try:
+            result = fn(client)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._down_until = time.monotonic() + get_settings().redis_retry_after_s
+            if not self._was_down:
+                logger.warning("redis unavailable; serving from PostgreSQL", extra={"error": type(exc).__name__})
+            self._was_down = True
+            ERRORS.labels(component="cache", kind="redis_unavailable").inc()
+            return DOWN
+        if self._was_down:
+            self._was_down = False
+            self._recovered(client)
+        return result
+
+    def _recovered(self, client: redis.Redis) -> None:
+        try:
+            client.incr(_GEN)
+            logger.info("redis reachable again; cache generation bumped")
+        except redis.RedisError:
+            self._was_down = True
+
+    def reset(self) -> None:
+        """Forget the client (tests and settings changes)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+            self._down_until = 0.0
+            self._was_down = False
+
+
+_gate = _Gate()
+reset = _gate.reset
+
+
+def available() -> bool:
+    return _gate.call(lambda r: r.ping()) is True
+
+
+# --- session cache ---------------------------------------------------------------------------------
+def get_session(session_id: str) -> tuple[dict[str, Any] | None, int] | _Down:
+    """(entry or None, current generation). The generation is passed back to ``put_session``."""
+    res = _gate.call(lambda r: r.mget(f"session:{session_id}", _GEN))
+    if isinstance(res, _Down):
+        return DOWN
+    raw, gen_raw = res
+    gen = int(gen_raw or 0)
+    if raw is None:
+        return None, gen
+    entry = json.loads(raw)
+    if entry.get("_g") != gen:
+        return None, gen
+    entry.pop("_g", None)
+    return entry, gen
+
+
+def put_session(session_id: str, data: dict[str, Any], gen: int) -> None:
+    payload = json.dumps({**data, "_g": gen}, default=str)
+    _gate.call(lambda r: r.set(f"session:{session_id}", payload, ex=get_settings().cache_ttl_s))
+
+
+def invalidate_session(session_id: str) -> None:
+    if isinstance(_gate.call(lambda r: r.delete(f"session:{session_id}")), _Down):
+        _gate._was_down = True  # make sure the generation is bumped once Redis is back
+
+
+# --- token revocations -----------------------------------------------------------------------------
+def is_revoked(jti: str) -> bool | None:
+    """True/False when Redis knows, None when it cannot say (down, or restarted and not yet re-warmed)."""
+    res = _gate.call(lambda r: r.mget(f"revoked:{jti}", _REVOCATIONS_LOADED))
+    if isinstance(res, _Down):
+        return None
+    hit, loaded = res
+    if hit is not None:
+        return True
+    return False if loaded is not None else None
+
+
+def mark_revoked(jti: str, ttl_s: int) -> None:
+    _gate.call(lambda r: r.set(f"revoked:{jti}", "1", ex=max(1, ttl_s)))
+
+
+def load_revocations(entries: list[tuple[str, int]]) -> None:
+    """Re-warm the revocation list from PostgreSQL after Redis lost it (restart, flush)."""
+
+    def _load(r: redis.Redis) -> None:
+        pipe = r.pipeline(transaction=False)
+        for jti, ttl in entries:
+            pipe.set(f"revoked:{jti}", "1", ex=max(1, ttl))
+        pipe.set(_REVOCATIONS_LOADED, "1")
+        pipe.execute()
+
+    _gate.call(_load)
+
+
+# --- rate limits -----------------------------------------------------------------------------------
+_local_windows: dict[tuple[str, int], int] = {}
+_local_lock = threading.Lock()
+
+
+def rate_limit_hit(key: str, limit: int, window_s: int = 60) -> bool:
+    """Count one request for ``key`` in the current fixed window; True if it is over ``limit``. With Redis
+    down the count is kept per process (a per-instance limit rather than none)."""
+    window = int(time.time()) // window_s
+    rkey = f"rl:{key}:{window}"
+
+    def _hit(r: redis.Redis) -> int:
+        pipe = r.pipeline(transaction=False)
+        pipe.incr(rkey)
+        pipe.expire(rkey, window_s + 1, nx=True)
+        return int(pipe.execute()[0])
+
+    count = _gate.call(_hit)
+    if isinstance(count, _Down):
+        with _local_lock:
+            for k in [k for k in _local_windows if k[1] != window]:
+                del _local_windows[k]
+            count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
+    return count > limit
+
+
+# --- host registry ---------------------------------------------------------------------------------
+def put_host(host_id: str, data: dict[str, Any], ttl_s: int) -> None:
+    payload = json.dumps(data, default=str)
+    _gate.call(lambda r: r.set(f"host:{host_id}", payload, ex=max(1, ttl_s)))
+
+
+def get_host(host_id: str) -> dict[str, Any] | None | _Down:
+    raw = _gate.call(lambda r: r.get(f"host:{host_id}"))
+    if isinstance(raw, _Down) or raw is None:
+        return raw
+    data: dict[str, Any] = json.loads(raw)
+    return data

@@ -1,0 +1,242 @@
+"""The repository: every SQL statement of the system. Logic calls these; nothing else touches psycopg."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from tmuxi.db.pool import connection
+from tmuxi.errors import Conflict, HostUnavailable, QuotaExceeded
+
+Row = dict[str, Any]
+LIVE_STATES = ("creating", "active")
+
+_SESSION_COLS = (
+    "id, owner_id, name, state, host_id, shard, tmux_name, pane_id, cols, rows, created_at, last_active_at, "
+    "ended_at, end_reason"
+)
+
+
+def _audit(conn: psycopg.Connection[Any], actor: UUID | None, action: str, session_id: UUID | None,
+           status: str, detail: dict[str, Any] | None = None) -> None:
+    conn.execute(
+        "INSERT INTO audit_events (actor_id, action, session_id, status, detail) VALUES (%s, %s, %s, %s, %s)",
+        (actor, action, session_id, status, Jsonb(detail or {})),
+    )
+
+
+def audit(actor: UUID | None, action: str, session_id: UUID | None, status: str,
+          detail: dict[str, Any] | None = None) -> None:
+    with connection() as conn:
+        _audit(conn, actor, action, session_id, status, detail)
+
+
+def audit_events(session_id: UUID | None = None, actor: UUID | None = None, limit: int = 100) -> list[Row]:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, at, actor_id, action, session_id, status, detail FROM audit_events"
+            " WHERE (%(sid)s::uuid IS NULL OR session_id = %(sid)s) AND (%(actor)s::uuid IS NULL OR actor_id = %(actor)s)"
+            " ORDER BY id DESC LIMIT %(limit)s",
+            {"sid": session_id, "actor": actor, "limit": limit},
+        ).fetchall()
+
+
+# --- users -----------------------------------------------------------------------------------------
+def create_user(username: str, password_hash: str, role: str) -> UUID:
+    uid = uuid4()
+    try:
+        with connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO users (id, username, password_hash, role) VALUES (%s, %s, %s, %s)",
+                (uid, username, password_hash, role),
+            )
+            _audit(conn, None, "user.create", None, "ok", {"user_id": str(uid), "role": role})
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict(f"user {username!r} already exists") from exc
+    return uid
+
+
+def set_password(username: str, password_hash: str) -> bool:
+    with connection() as conn:
+        cur = conn.execute("UPDATE users SET password_hash = %s WHERE username = %s", (password_hash, username))
+        return cur.rowcount == 1
+
+
+def get_user_by_username(username: str) -> Row | None:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, username, password_hash, role, disabled FROM users WHERE username = %s", (username,)
+        ).fetchone()
+
+
+# --- sessions --------------------------------------------------------------------------------------
+def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quota: int,
+                    dead_after_s: float) -> Row:
+    """Check the owner's quota and place a new session on the live host with the most free capacity, in one
+    transaction (the owner's row is locked, so concurrent creates cannot overrun the quota)."""
+    sid = uuid4()
+    with connection() as conn, conn.transaction():
+        conn.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (owner_id,))
+        row = conn.execute(
+            "SELECT count(*) AS n FROM sessions WHERE owner_id = %s AND state = ANY(%s)", (owner_id, list(LIVE_STATES))
+        ).fetchone()
+        live = int(row["n"]) if row else 0
+        if live >= quota:
+            _audit(conn, owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
+            raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first",
+                                quota=quota)
+        host = conn.execute(
+            "SELECT h.id, h.url, h.capacity - count(s.id) AS free FROM hosts h"
+            " LEFT JOIN sessions s ON s.host_id = h.id AND s.state = ANY(%s)"
+            " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
+            " GROUP BY h.id ORDER BY free DESC, h.id LIMIT 1",
+            (list(LIVE_STATES), dead_after_s),
+        ).fetchone()
+        if host is None or int(host["free"]) <= 0:
+            raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
+        out = conn.execute(
+            f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
+            f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
+            (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),
+        ).fetchone()
+        assert out is not None
+        out["host_url"] = host["url"]
+        return out
+
+
+def activate_session(session_id: UUID, actor: UUID, shard: int, pane_id: str) -> Row:
+    with connection() as conn, conn.transaction():
+        row = conn.execute(
+            f"UPDATE sessions SET state = 'active', shard = %s, pane_id = %s, last_active_at = now()"
+            f" WHERE id = %s RETURNING {_SESSION_COLS}",
+            (shard, pane_id, session_id),
+        ).fetchone()
+        _audit(conn, actor, "session.create", session_id, "ok", {"host_id": row["host_id"] if row else None})
+    assert row is not None
+    return row
+
+
+def end_session(session_id: UUID, actor: UUID | None, state: str, reason: str) -> Row | None:
+    """Mark a live session ended (deleted / failed / lost). Returns the row, or None if it was not live."""
+    with connection() as conn, conn.transaction():
+        row = conn.execute(
+            f"UPDATE sessions SET state = %s, ended_at = now(), end_reason = %s"
+            f" WHERE id = %s AND state = ANY(%s) RETURNING {_SESSION_COLS}",
+            (state, reason, session_id, list(LIVE_STATES)),
+        ).fetchone()
+        if row is not None:
+            _audit(conn, actor, f"session.{'delete' if state == 'deleted' else state}", session_id, "ok",
+                   {"reason": reason})
+        return row
+
+
+def get_session(session_id: UUID) -> Row | None:
+    with connection() as conn:
+        return conn.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = %s", (session_id,)).fetchone()
+
+
+def list_sessions(owner_id: UUID | None, include_ended: bool) -> list[Row]:
+    """Sessions of one owner (or of everyone when owner_id is None), newest first."""
+    with connection() as conn:
+        return conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions"
+            " WHERE (%(owner)s::uuid IS NULL OR owner_id = %(owner)s) AND (%(all)s OR state = ANY(%(live)s))"
+            " ORDER BY created_at DESC LIMIT 1000",
+            {"owner": owner_id, "all": include_ended, "live": list(LIVE_STATES)},
+        ).fetchall()
+
+
+def record_activity(session_id: UUID, actor: UUID, action: str, detail: dict[str, Any]) -> None:
+    """Audit a terminal action and bump last_active_at (at most every 10 s, to keep the row cool)."""
+    with connection() as conn:
+        conn.execute(
+            "WITH a AS (INSERT INTO audit_events (actor_id, action, session_id, status, detail)"
+            " VALUES (%s, %s, %s, 'ok', %s))"
+            " UPDATE sessions SET last_active_at = now()"
+            " WHERE id = %s AND last_active_at < now() - interval '10 seconds'",
+            (actor, action, session_id, Jsonb(detail), session_id),
+        )
+
+
+def resize_session(session_id: UUID, actor: UUID, cols: int, rows: int) -> Row | None:
+    with connection() as conn, conn.transaction():
+        row = conn.execute(
+            f"UPDATE sessions SET cols = %s, rows = %s, last_active_at = now() WHERE id = %s RETURNING {_SESSION_COLS}",
+            (cols, rows, session_id),
+        ).fetchone()
+        _audit(conn, actor, "session.resize", session_id, "ok", {"cols": cols, "rows": rows})
+        return row
+
+
+def live_session_ids_for_host(host_id: str) -> set[UUID]:
+    with connection() as conn:
+        rows = conn.execute(
+            "SELECT id FROM sessions WHERE host_id = %s AND state = ANY(%s)", (host_id, list(LIVE_STATES))
+        ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def known_session_ids(ids: Iterable[UUID]) -> dict[UUID, str]:
+    with connection() as conn:
+        rows = conn.execute("SELECT id, state FROM sessions WHERE id = ANY(%s)", (list(ids),)).fetchall()
+    return {r["id"]: r["state"] for r in rows}
+
+
+# --- hosts -----------------------------------------------------------------------------------------
+def upsert_host(host_id: str, url: str, capacity: int, active: int, started_at: datetime) -> None:
+    with connection() as conn:
+        conn.execute(
+            "INSERT INTO hosts (id, url, capacity, active_sessions, started_at, last_heartbeat)"
+            " VALUES (%s, %s, %s, %s, %s, now())"
+            " ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, capacity = EXCLUDED.capacity,"
+            " active_sessions = EXCLUDED.active_sessions, started_at = EXCLUDED.started_at, last_heartbeat = now()",
+            (host_id, url, capacity, active, started_at),
+        )
+
+
+def get_host(host_id: str) -> Row | None:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, url, capacity, active_sessions, started_at, last_heartbeat FROM hosts WHERE id = %s",
+            (host_id,),
+        ).fetchone()
+
+
+def live_hosts(dead_after_s: float) -> list[Row]:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, url, capacity, active_sessions, last_heartbeat FROM hosts"
+            " WHERE last_heartbeat > now() - make_interval(secs => %s) ORDER BY id",
+            (dead_after_s,),
+        ).fetchall()
+
+
+# --- token revocation ------------------------------------------------------------------------------
+def revoke_token(jti: str, user_id: UUID, expires_at: datetime) -> None:
+    with connection() as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO revoked_tokens (jti, user_id, expires_at) VALUES (%s, %s, %s) ON CONFLICT (jti) DO NOTHING",
+            (jti, user_id, expires_at),
+        )
+        _audit(conn, user_id, "auth.revoke", None, "ok", {"jti": jti})
+
+
+def is_token_revoked(jti: str) -> bool:
+    with connection() as conn:
+        return conn.execute("SELECT 1 FROM revoked_tokens WHERE jti = %s", (jti,)).fetchone() is not None
+
+
+def unexpired_revocations() -> list[Row]:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()"
+        ).fetchall()
+
+
+def ping() -> None:
+    with connection() as conn:
+        conn.execute("SELECT 1")

@@ -1,0 +1,147 @@
+"""Typed request and response bodies shared by the REST API, the services and the host client."""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SessionState = Literal["creating", "active", "deleted", "failed", "lost"]
+Role = Literal["user", "admin"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# tmux key names accepted in `keys` (anything else is refused, so a key can never act on tmux).
+KEY_NAME = re.compile(
+    r"^(?:(?:C|M|S)-)*(?:[A-Za-z0-9]|Enter|Escape|Tab|BTab|BSpace|Space|Up|Down|Left|Right|Home|End|"
+    r"PageUp|PageDown|PPage|NPage|IC|DC|Insert|Delete|F(?:[1-9]|1[0-2]))$"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- auth ------------------------------------------------------------------------------------------
+class TokenRequest(_Strict):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class Principal(BaseModel):
+    """Who is calling: built by the authorizer from a validated token."""
+
+    user_id: UUID
+    username: str
+    role: Role
+    jti: str
+    exp: int
+
+
+class ValidateResponse(BaseModel):
+    valid: Literal[True] = True
+    user_id: UUID
+    username: str
+    role: Role
+    expires_at: datetime
+
+
+# --- sessions --------------------------------------------------------------------------------------
+class SessionCreate(_Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    cols: int | None = Field(default=None, ge=10, le=1000)
+    rows: int | None = Field(default=None, ge=5, le=500)
+
+    @field_validator("name")
+    @classmethod
+    def _no_control_chars(cls, v: str | None) -> str | None:
+        if v is not None and _CONTROL.search(v):
+            raise ValueError("must not contain control characters (newlines, tabs, escapes)")
+        return v
+
+
+class Session(BaseModel):
+    id: UUID
+    name: str | None
+    owner_id: UUID
+    state: SessionState
+    host_id: str | None
+    cols: int
+    rows: int
+    created_at: datetime
+    last_active_at: datetime
+    ended_at: datetime | None = None
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+
+
+class InputRequest(_Strict):
+    """Exactly one of ``text`` (UTF-8), ``data_b64`` (raw bytes, base64) or ``keys`` (tmux key names)."""
+
+    text: str | None = None
+    data_b64: str | None = None
+    keys: list[str] | None = Field(default=None, max_length=256)
+    enter: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InputRequest:
+        given = [n for n in ("text", "data_b64", "keys") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text, data_b64 or keys")
+        if self.keys is not None:
+            bad = [k for k in self.keys if not KEY_NAME.match(k)]
+            if bad:
+                raise ValueError(f"unknown key names: {bad[:5]}")
+        return self
+
+
+class ScreenResponse(BaseModel):
+    text: str
+    cols: int
+    rows: int
+    cursor_x: int
+    cursor_y: int
+    escapes: bool
+
+
+class ResizeRequest(_Strict):
+    cols: int = Field(ge=10, le=1000)
+    rows: int = Field(ge=5, le=500)
+
+
+class ExecRequest(_Strict):
+    command: str = Field(min_length=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class ExecResult(BaseModel):
+    exit_code: int | None
+    output: str
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "down"]
+    checks: dict[str, str]
+    version: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

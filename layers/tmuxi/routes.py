@@ -1,0 +1,161 @@
+"""The REST edge in one table: every route API Gateway exposes, whether the Lambda authorizer protects it,
+the authorizer's configuration and the configured "gateway responses" (the bodies API Gateway itself sends
+when a request never reaches the API Lambda).
+
+Used by the local gateway (``local/gateway.py``) now and by the CDK app later, so both expose exactly the
+same surface. Pure data + a tiny matcher: no imports from the rest of the project.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+# --- routes -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str  # HTTP method, upper case
+    resource: str  # API Gateway resource path template, e.g. "/sessions/{id}"
+    protected: bool  # True -> the REQUEST authorizer runs first
+    name: str  # stable operation name (CDK construct ids, metrics, docs)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource))
+
+
+ROUTES: tuple[Route, ...] = (
+    # auth
+    Route("POST", "/auth/token", False, "login"),
+    Route("POST", "/auth/revoke", True, "revoke"),
+    Route("GET", "/auth/health", False, "auth_health"),
+    Route("GET", "/validate", True, "validate"),
+    # sessions
+    Route("POST", "/sessions", True, "create_session"),
+    Route("GET", "/sessions", True, "list_sessions"),
+    Route("GET", "/sessions/{id}", True, "get_session"),
+    Route("DELETE", "/sessions/{id}", True, "delete_session"),
+    Route("POST", "/sessions/{id}/input", True, "send_input"),
+    Route("GET", "/sessions/{id}/screen", True, "read_screen"),
+    Route("POST", "/sessions/{id}/resize", True, "resize"),
+    Route("POST", "/sessions/{id}/exec", True, "exec_command"),
+    # operations / documentation
+    Route("GET", "/health", False, "health"),
+    Route("GET", "/openapi.json", False, "openapi"),
+    Route("GET", "/docs", False, "docs"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizerConfig:
+    """How API Gateway runs the Lambda REQUEST authorizer."""
+
+    identity_header: str = "Authorization"  # identity source: method.request.header.Authorization
+    # API Gateway can cache an Allow/Deny per identity-source value. 0 = off: a revoked token is refused on
+    # the very next request (with caching it would stay usable until the cached policy expires).
+    result_ttl_s: int = 0
+
+    @property
+    def identity_source(self) -> str:
+        return f"method.request.header.{self.identity_header}"
+
+
+AUTHORIZER = AuthorizerConfig()
+
+# API Gateway (REST) hard limits the local gateway also enforces.
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+INTEGRATION_TIMEOUT_S = 29.0
+
+
+class RouteTable:
+    """Matches (method, path) to a route the way API Gateway does: ``{param}`` matches exactly one non-empty
+    path segment; static resources win over parameterised ones."""
+
+    __slots__ = ("_static", "_dynamic", "_paths")
+
+    def __init__(self, routes: tuple[Route, ...] = ROUTES) -> None:
+        self._static: dict[tuple[str, str], Route] = {}
+        self._dynamic: list[tuple[str, re.Pattern[str], Route]] = []
+        self._paths: set[str] = set()
+        for r in routes:
+            self._paths.add(r.resource)
+            if "{" not in r.resource:
+                self._static[(r.method, r.resource)] = r
+            else:
+                rx = "^" + re.sub(
+                    r"\\\{([A-Za-z_][A-Za-z0-9_]*)\\\}", r"(?P<\1>[^/]+)", re.escape(r.resource)
+                ) + "$"
+                self._dynamic.append((r.method, re.compile(rx), r))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """``path`` as received (percent-encoded); path parameters are returned decoded."""
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        r = self._static.get((method, path))
+        if r is not None:
+            return r, {}
+        for m, rx, route in self._dynamic:
+            if m != method:
+                continue
+            found = rx.match(path)
+            if found is not None:
+                return route, {k: unquote(v) for k, v in found.groupdict().items()}
+        return None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter([*self._static.values(), *(r for _, _, r in self._dynamic)])
+
+
+# --- gateway responses ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayResponse:
+    """One API Gateway "gateway response" (``AWS::ApiGateway::GatewayResponse``) in our error shape."""
+
+    type: str  # API Gateway response type, e.g. "UNAUTHORIZED"
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def template(self) -> str:
+        """The ``application/json`` response template (static JSON)."""
+        return json.dumps(self.body(), separators=(",", ":"))
+
+    def body_bytes(self) -> bytes:
+        return self.template().encode()
+
+
+_UNAUTHORIZED_MSG = "missing, malformed, expired, revoked or wrongly signed token"
+
+GATEWAY_RESPONSES: dict[str, GatewayResponse] = {
+    r.type: r
+    for r in (
+        GatewayResponse("UNAUTHORIZED", 401, "unauthorized", _UNAUTHORIZED_MSG),
+        GatewayResponse("ACCESS_DENIED", 403, "forbidden", "access denied"),
+        # API Gateway answers an unknown resource/method with MISSING_AUTHENTICATION_TOKEN (403 by default);
+        # we configure it as 404 so clients see an honest "no such route".
+        GatewayResponse("MISSING_AUTHENTICATION_TOKEN", 404, "not_found", "no such route"),
+        GatewayResponse("REQUEST_TOO_LARGE", 413, "payload_too_large", "request larger than 10 MB"),
+        GatewayResponse("THROTTLED", 429, "rate_limited", "too many requests"),
+        GatewayResponse("QUOTA_EXCEEDED", 429, "quota_exceeded", "usage plan quota exceeded"),
+        GatewayResponse("AUTHORIZER_FAILURE", 500, "internal_error", "authorizer failed"),
+        GatewayResponse("AUTHORIZER_CONFIGURATION_ERROR", 500, "internal_error", "authorizer failed"),
+        GatewayResponse("INTEGRATION_FAILURE", 502, "bad_gateway", "the API function failed"),
+        GatewayResponse("INTEGRATION_TIMEOUT", 504, "gateway_timeout", "the API function timed out"),
+        GatewayResponse("DEFAULT_4XX", 400, "bad_request", "bad request"),
+        GatewayResponse("DEFAULT_5XX", 500, "internal_error", "internal error"),
+    )
+}
+
+
+def gateway_response(kind: str) -> GatewayResponse:
+    return GATEWAY_RESPONSES[kind]

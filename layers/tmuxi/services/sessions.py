@@ -1,0 +1,158 @@
+"""Session lifecycle and terminal work. Ownership is enforced here for every call: another user's session is
+indistinguishable from one that does not exist; an admin sees all."""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+from uuid import UUID
+
+from tmuxi import cache, host_client, registry
+from tmuxi.db import repo
+from tmuxi.errors import (
+    AppError,
+    BadRequest,
+    HostUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    SessionNotActive,
+)
+from tmuxi.models import (
+    ExecRequest,
+    ExecResult,
+    InputRequest,
+    Principal,
+    ResizeRequest,
+    ScreenResponse,
+    Session,
+    SessionCreate,
+)
+from tmuxi.observability import logger
+from tmuxi.settings import get_settings
+
+_PUBLIC = set(Session.model_fields)
+
+
+def _public(row: dict[str, Any]) -> Session:
+    return Session.model_validate({k: v for k, v in row.items() if k in _PUBLIC})
+
+
+def _load(p: Principal, session_id: UUID) -> dict[str, Any]:
+    """The session row (cache first), if the caller may see it."""
+    key = str(session_id)
+    cached = cache.get_session(key)
+    row: dict[str, Any] | None
+    if isinstance(cached, tuple) and cached[0] is not None:
+        row = cached[0]
+    else:
+        row = repo.get_session(session_id)
+        if row is not None and isinstance(cached, tuple):
+            cache.put_session(key, row, cached[1])
+    if row is None or (str(row["owner_id"]) != str(p.user_id) and p.role != "admin"):
+        raise NotFound(f"session {key} not found")
+    return row
+
+
+def _active(p: Principal, session_id: UUID) -> tuple[dict[str, Any], host_client.HostClient]:
+    row = _load(p, session_id)
+    if row["state"] != "active":
+        raise SessionNotActive(f"session {session_id} is {row['state']}")
+    return row, host_client.for_url(registry.host_url(row["host_id"]))
+
+
+def check_rate_limit(p: Principal) -> None:
+    limit = get_settings().rate_limit_per_minute
+    if cache.rate_limit_hit(f"user:{p.user_id}", limit):
+        raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit)
+
+
+def create_session(p: Principal, body: SessionCreate) -> Session:
+    s = get_settings()
+    cols, rows = body.cols or s.default_cols, body.rows or s.default_rows
+    row = repo.reserve_session(p.user_id, body.name, cols, rows, s.session_quota, s.host_dead_after_s)
+    sid: UUID = row["id"]
+    try:
+        created = host_client.for_url(row["host_url"]).create_session(sid, str(p.user_id), cols, rows)
+    except AppError as exc:
+        repo.end_session(sid, p.user_id, "failed", f"host {row['host_id']}: {exc.message}")
+        logger.warning("session creation failed on host", extra={"host_id": row["host_id"], "error": exc.code})
+        if isinstance(exc, HostUnavailable):
+            raise
+        raise HostUnavailable(f"tmux host {row['host_id']} could not create the session: {exc.message}") from exc
+    return _public(repo.activate_session(sid, p.user_id, created["shard"], created["pane_id"]))
+
+
+def list_sessions(p: Principal, include_ended: bool = False) -> list[Session]:
+    owner = None if p.role == "admin" else p.user_id
+    return [_public(r) for r in repo.list_sessions(owner, include_ended)]
+
+
+def get_session(p: Principal, session_id: UUID) -> Session:
+    return _public(_load(p, session_id))
+
+
+def delete_session(p: Principal, session_id: UUID) -> None:
+    row = _load(p, session_id)
+    if row["state"] not in ("creating", "active"):
+        raise NotFound(f"session {session_id} not found")
+    try:
+        host_client.for_url(registry.host_url(row["host_id"])).kill_session(session_id)
+    except NotFound:
+        pass  # already gone from tmux
+    except HostUnavailable:
+        # The record still ends; the host kills the orphan when it reconciles.
+        logger.warning("host unreachable on delete; session ended in the database", extra={"host_id": row["host_id"]})
+    repo.end_session(session_id, p.user_id, "deleted", "deleted by user")
+    cache.invalidate_session(str(session_id))
+
+
+def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
+    limit = get_settings().max_input_bytes
+    data: bytes | None = None
+    if body.text is not None:
+        data = body.text.encode()
+    elif body.data_b64 is not None:
+        if len(body.data_b64) > (limit * 4) // 3 + 4:
+            raise PayloadTooLarge(f"input is larger than {limit} bytes")
+        try:
+            data = base64.b64decode(body.data_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadRequest("data_b64 is not valid base64") from exc
+    if data is not None:
+        if body.enter:
+            data += b"\r"
+        if len(data) > limit:
+            raise PayloadTooLarge(f"input is {len(data)} bytes; the limit is {limit}")
+    keys = list(body.keys or [])
+    if body.keys is not None and body.enter:
+        keys.append("Enter")
+    row, host = _active(p, session_id)
+    host.send_input(session_id, data=data, keys=keys or None)
+    repo.record_activity(session_id, p.user_id, "session.input",
+                         {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
+
+
+def read_screen(p: Principal, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
+    _, host = _active(p, session_id)
+    return host.screen(session_id, escapes=escapes, history=history)
+
+
+def resize(p: Principal, session_id: UUID, body: ResizeRequest) -> None:
+    _, host = _active(p, session_id)
+    host.resize(session_id, body.cols, body.rows)
+    repo.resize_session(session_id, p.user_id, body.cols, body.rows)
+    cache.invalidate_session(str(session_id))
+
+
+def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResult:
+    s = get_settings()
+    size = len(body.command.encode())
+    if size > s.max_command_bytes:
+        raise PayloadTooLarge(f"command is {size} bytes; the limit is {s.max_command_bytes}")
+    timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
+    _, host = _active(p, session_id)
+    result = host.exec(session_id, body.command, timeout)
+    repo.record_activity(session_id, p.user_id, "session.exec",
+                         {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
+    return result

