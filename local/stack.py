@@ -75,8 +75,10 @@ class LocalStack:
             _log(f"starting embedded PostgreSQL (data in {self.data_dir / 'pg'}) ...")
             self.pg = EmbeddedPostgres(self.data_dir / "pg")
             db_url = self.pg.start()
-        _log("starting redis-server ...")
-        redis_url = self.redis.start()
+        if self.redis.proc is None:
+            _log("starting redis-server ...")
+            self.redis.start()
+        redis_url = self.redis.url
         sec = _secret_file(self.data_dir / "secrets.json")
         env = {
             env_name("environment"): self.environment,
@@ -171,7 +173,7 @@ class LocalStack:
         except Conflict:
             repo.set_password(username, hash_password(password))
 
-    def stop(self, kill_tmux: bool = True) -> None:
+    def stop(self, kill_tmux: bool = True, keep_deps: bool = False) -> None:
         if self.gateway_proc is not None:
             self.gateway_proc.terminate()
             try:
@@ -183,6 +185,8 @@ class LocalStack:
             self.stop_host(host_id)
         if kill_tmux:
             kill_tmux_servers(self.socket_dir)
+        if keep_deps:
+            return
         self.redis.stop()
         from tmuxi.db.pool import close_pool
 

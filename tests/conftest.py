@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local stack per test run (embedded PostgreSQL, redis-server, two tmux hosts,
-the local API gateway), started the way ``make run`` starts it."""
+"""Shared fixtures. ``deps``: a real PostgreSQL (embedded) and redis-server for this test run. ``stack``: the
+whole local system on top of them (two tmux hosts and the local API gateway), started the way ``make run``
+starts it."""
 from __future__ import annotations
 
 import os
@@ -13,8 +14,60 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local.services import free_port
+from local.services import EmbeddedPostgres, RedisServer, free_port
 from local.stack import LocalStack
+
+TEST_ENV = {
+    "TMUXI_ENVIRONMENT": "test",
+    "TMUXI_HEARTBEAT_INTERVAL_S": "0.5",
+    "TMUXI_HOST_DEAD_AFTER_S": "3",
+    "TMUXI_REDIS_RETRY_AFTER_S": "0.2",
+    "TMUXI_JWT_SECRET": "test-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex,
+    "TMUXI_HOST_SECRET": "test-host-" + uuid.uuid4().hex + uuid.uuid4().hex,
+}
+
+
+def reset_process_state() -> None:
+    """Drop cached settings, pools and clients so this process picks up the environment again."""
+    from tmuxi import cache
+    from tmuxi.db.pool import close_pool
+    from tmuxi.settings import get_settings
+
+    get_settings.cache_clear()
+    cache.reset()
+    close_pool()
+
+
+@dataclass
+class Deps:
+    base: Path
+    database_url: str
+    redis: RedisServer
+
+
+@pytest.fixture(scope="session")
+def deps() -> Iterator[Deps]:
+    base = Path(tempfile.mkdtemp(prefix="tmuxi-test-", dir="/tmp"))
+    pg = None
+    url = os.environ.get("TMUXI_TEST_DATABASE_URL")
+    if url is None:
+        pg = EmbeddedPostgres(base / "pg")
+        url = pg.start()
+    redis = RedisServer()
+    redis.start()
+    os.environ.update(TEST_ENV)
+    os.environ["TMUXI_DATABASE_URL"] = url
+    os.environ["TMUXI_REDIS_URL"] = redis.url
+    os.environ["TMUXI_DATA_DIR"] = str(base)
+    reset_process_state()
+    try:
+        yield Deps(base, url, redis)
+    finally:
+        reset_process_state()
+        redis.stop()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass
@@ -43,25 +96,18 @@ class StackHandle:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[StackHandle]:
-    base = Path(tempfile.mkdtemp(prefix="tmuxi-test-", dir="/tmp"))
+def stack(deps: Deps) -> Iterator[StackHandle]:
     sockets = Path(tempfile.mkdtemp(prefix="ts", dir="/tmp"))
     s = LocalStack(
-        data_dir=base / "data", hosts=2, socket_dir=sockets, gateway_port=free_port(), environment="test",
-        database_url=os.environ.get("TMUXI_TEST_DATABASE_URL"),
-        extra_env={"TMUXI_HEARTBEAT_INTERVAL_S": "0.5", "TMUXI_HOST_DEAD_AFTER_S": "3",
-                   "TMUXI_REDIS_RETRY_AFTER_S": "0.2"},
+        data_dir=deps.base / "stack", hosts=2, socket_dir=sockets, gateway_port=free_port(),
+        environment="test", database_url=deps.database_url, redis=deps.redis,
+        extra_env={k: v for k, v in os.environ.items() if k in TEST_ENV},
     )
     try:
         s.start()
-        from tmuxi import cache
-        from tmuxi.settings import get_settings
-
-        get_settings.cache_clear()
-        cache.reset()
+        reset_process_state()
         with httpx.Client(base_url=s.gateway_url, timeout=30) as client:
             yield StackHandle(s, client)
     finally:
-        s.stop()
+        s.stop(keep_deps=True)
         shutil.rmtree(sockets, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)

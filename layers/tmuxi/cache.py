@@ -62,6 +62,10 @@ class _Gate:
         if client is None or time.monotonic() < self._down_until:
             return DOWN
         try:
+            if self._was_down:  # first contact after an outage: invalidate what a missed delete may have left
+                client.incr(_GEN)
+                self._was_down = False
+                logger.info("redis reachable again; cache generation bumped")
             result = fn(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._down_until = time.monotonic() + get_settings().redis_retry_after_s
@@ -70,17 +74,11 @@ class _Gate:
             self._was_down = True
             ERRORS.labels(component="cache", kind="redis_unavailable").inc()
             return DOWN
-        if self._was_down:
-            self._was_down = False
-            self._recovered(client)
         return result
 
-    def _recovered(self, client: redis.Redis) -> None:
-        try:
-            client.incr(_GEN)
-            logger.info("redis reachable again; cache generation bumped")
-        except redis.RedisError:
-            self._was_down = True
+    def mark_missed_write(self) -> None:
+        """A write (invalidation) could not reach Redis: bump the generation on the next contact."""
+        self._was_down = True
 
     def reset(self) -> None:
         """Forget the client (tests and settings changes)."""
@@ -124,7 +122,7 @@ def put_session(session_id: str, data: dict[str, Any], gen: int) -> None:
 
 def invalidate_session(session_id: str) -> None:
     if isinstance(_gate.call(lambda r: r.delete(f"session:{session_id}")), _Down):
-        _gate._was_down = True  # make sure the generation is bumped once Redis is back
+        _gate.mark_missed_write()
 
 
 # --- token revocations -----------------------------------------------------------------------------

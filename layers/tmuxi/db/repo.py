@@ -86,26 +86,34 @@ def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quot
         ).fetchone()
         live = int(row["n"]) if row else 0
         if live >= quota:
-            _audit(conn, owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
-            raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first",
-                                quota=quota)
-        host = conn.execute(
-            "SELECT h.id, h.url, h.capacity - count(s.id) AS free FROM hosts h"
-            " LEFT JOIN sessions s ON s.host_id = h.id AND s.state = ANY(%s)"
-            " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
-            " GROUP BY h.id ORDER BY free DESC, h.id LIMIT 1",
-            (list(LIVE_STATES), dead_after_s),
-        ).fetchone()
-        if host is None or int(host["free"]) <= 0:
-            raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
-        out = conn.execute(
-            f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
-            f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
-            (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),
-        ).fetchone()
-        assert out is not None
-        out["host_url"] = host["url"]
-        return out
+            out = None
+        else:
+            out = _place(conn, sid, owner_id, name, cols, rows, dead_after_s)
+    if out is None:  # audited outside the (now finished) transaction so the denial is kept
+        audit(owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
+        raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first", quota=quota)
+    return out
+
+
+def _place(conn: psycopg.Connection[Any], sid: UUID, owner_id: UUID, name: str | None, cols: int, rows: int,
+           dead_after_s: float) -> Row:
+    host = conn.execute(
+        "SELECT h.id, h.url, h.capacity - count(s.id) AS free FROM hosts h"
+        " LEFT JOIN sessions s ON s.host_id = h.id AND s.state = ANY(%s)"
+        " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
+        " GROUP BY h.id ORDER BY free DESC, h.id LIMIT 1",
+        (list(LIVE_STATES), dead_after_s),
+    ).fetchone()
+    if host is None or int(host["free"]) <= 0:
+        raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
+    out = conn.execute(
+        f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
+        f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
+        (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),
+    ).fetchone()
+    assert out is not None
+    out["host_url"] = host["url"]
+    return out
 
 
 def activate_session(session_id: UUID, actor: UUID, shard: int, pane_id: str) -> Row:

@@ -1,0 +1,177 @@
+"""PostgreSQL repository and Redis cache against the real servers (no hosts needed)."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from tests.conftest import Deps
+from tmuxi import auth, cache
+from tmuxi.db import repo
+from tmuxi.db.migrate import migrate
+from tmuxi.errors import HostUnavailable, QuotaExceeded, Unauthorized
+from tmuxi.models import Principal
+from tmuxi.services import auth as auth_service
+
+
+def _user(role: str = "user") -> uuid.UUID:
+    return repo.create_user(f"u{uuid.uuid4().hex[:12]}", auth.hash_password("pw"), role)
+
+
+_FAKE_HOSTS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _retire_fake_hosts() -> Any:
+    """Fake hosts must not attract real sessions of later tests: age them out afterwards."""
+    yield
+    if _FAKE_HOSTS:
+        from tmuxi.db.pool import connection
+
+        with connection() as conn:
+            conn.execute("UPDATE hosts SET last_heartbeat = 'epoch' WHERE id = ANY(%s)", (_FAKE_HOSTS,))
+        _FAKE_HOSTS.clear()
+
+
+def _host(host_id: str, capacity: int, age_s: float = 0) -> None:
+    _FAKE_HOSTS.append(host_id)
+    repo.upsert_host(host_id, f"http://127.0.0.1:1/{host_id}", capacity, 0, datetime.now(UTC))
+    if age_s:
+        from tmuxi.db.pool import connection
+
+        with connection() as conn:
+            conn.execute("UPDATE hosts SET last_heartbeat = now() - make_interval(secs => %s) WHERE id = %s",
+                         (age_s, host_id))
+
+
+def test_migrations_are_versioned_and_idempotent(deps: Deps) -> None:
+    repo.ping()  # first use migrates
+    assert migrate(deps.database_url) == []
+    from tmuxi.db.pool import connection
+
+    with connection() as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [r["version"] for r in rows] == [1]
+
+
+def test_quota_holds_under_concurrent_creates(deps: Deps) -> None:
+    _host(f"qh-{uuid.uuid4().hex[:6]}", 1000)
+    owner = _user()
+    results: list[str] = []
+
+    def create() -> None:
+        try:
+            repo.reserve_session(owner, None, 80, 24, quota=3, dead_after_s=30)
+            results.append("ok")
+        except QuotaExceeded:
+            results.append("quota")
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ok"] * 3 + ["quota"] * 5
+    denied = [e for e in repo.audit_events(actor=owner) if e["status"] == "quota_exceeded"]
+    assert len(denied) == 5
+
+
+def test_placement_prefers_most_free_live_host(deps: Deps) -> None:
+    tag = uuid.uuid4().hex[:6]
+    _host(f"big-{tag}", 100000)
+    _host(f"dead-{tag}", 10**7, age_s=600)  # more capacity but no heartbeat: never chosen
+    owner = _user()
+    row = repo.reserve_session(owner, "x", 80, 24, quota=5, dead_after_s=30)
+    assert row["host_id"] == f"big-{tag}"
+    assert row["state"] == "creating" and row["tmux_name"] == "t" + row["id"].hex
+
+
+def test_no_live_host_is_a_clean_503(deps: Deps) -> None:
+    owner = _user()
+    with pytest.raises(HostUnavailable):
+        repo.reserve_session(owner, None, 80, 24, quota=5, dead_after_s=0.000001)
+
+
+def test_session_lifecycle_is_audited(deps: Deps) -> None:
+    _host(f"lc-{uuid.uuid4().hex[:6]}", 1000)
+    owner = _user()
+    row = repo.reserve_session(owner, "n", 80, 24, quota=5, dead_after_s=30)
+    repo.activate_session(row["id"], owner, 0, "%1")
+    assert repo.end_session(row["id"], owner, "deleted", "test") is not None
+    assert repo.end_session(row["id"], owner, "deleted", "again") is None  # not live any more
+    actions = [(e["action"], e["status"]) for e in reversed(repo.audit_events(session_id=row["id"]))]
+    assert actions == [("session.create", "ok"), ("session.delete", "ok")]
+    ended = repo.get_session(row["id"])
+    assert ended is not None and ended["state"] == "deleted" and ended["ended_at"] is not None
+
+
+def _redis(deps: Deps) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(deps.redis.url, decode_responses=True)
+
+
+def _wait_redis_up() -> None:
+    deadline = time.monotonic() + 5
+    while not cache.available():
+        assert time.monotonic() < deadline, "redis did not come back"
+        time.sleep(0.05)
+
+
+def test_cache_generation_drops_entries_a_missed_invalidation_left_stale(deps: Deps) -> None:
+    sid = str(uuid.uuid4())
+    hit = cache.get_session(sid)
+    assert isinstance(hit, tuple)
+    cache.put_session(sid, {"state": "active"}, hit[1])
+    assert cache.get_session(sid) == ({"state": "active"}, hit[1])
+    # Redis stops answering this process while the session is deleted: the invalidation is missed.
+    _redis(deps).execute_command("CLIENT", "PAUSE", "600", "ALL")
+    cache.invalidate_session(sid)
+    time.sleep(0.7)  # pause over, retry window over
+    got = cache.get_session(sid)
+    assert isinstance(got, tuple) and got[0] is None, "stale entry served after a missed invalidation"
+
+
+def _principal(uid: uuid.UUID) -> tuple[str, Principal]:
+    token, _ = auth.issue_token(uid, "someone", "user")
+    return token, auth_service.authorize(token)
+
+
+def test_revocation_holds_while_redis_is_down_and_after_it_restarts(deps: Deps) -> None:
+    uid = _user()
+    token, p = _principal(uid)
+    auth_service.revoke(p)
+    with pytest.raises(Unauthorized):
+        auth_service.authorize(token)
+    deps.redis.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Unauthorized):
+            auth_service.authorize(token)  # answered by PostgreSQL
+        other, _ = _principal(uid)  # a valid token still works with Redis down
+        assert auth_service.authorize(other).user_id == uid
+        assert time.monotonic() - t0 < 2, "Redis down must not make auth hang"
+    finally:
+        deps.redis.start()  # same port, empty: the revocation list is gone from Redis
+    _wait_redis_up()
+    with pytest.raises(Unauthorized):
+        auth_service.authorize(token)
+    assert cache.is_revoked(p.jti) is True  # re-warmed from PostgreSQL
+
+
+def test_rate_limit_counts_in_redis_and_falls_back_per_process(deps: Deps) -> None:
+    key = f"user:{uuid.uuid4()}"
+    assert not any(cache.rate_limit_hit(key, 5) for _ in range(5))
+    assert cache.rate_limit_hit(key, 5)
+    assert int(_redis(deps).get(f"rl:{key}:{int(time.time()) // 60}") or 0) >= 6
+    deps.redis.stop()
+    try:
+        key2 = f"user:{uuid.uuid4()}"
+        hits: list[Any] = [cache.rate_limit_hit(key2, 3) for _ in range(4)]
+        assert hits == [False, False, False, True]
+    finally:
+        deps.redis.start()
+    _wait_redis_up()
