@@ -48,6 +48,7 @@ def main() -> int:
         creds = _dev_credentials(stack.data_dir / "dev-credentials.json")
         stack.ensure_user(creds["username"], creds["password"], "user")
         url = stack.gateway_url
+        creds_file = stack.data_dir / "dev-credentials.json"
         print(f"""
 tmux integration system running
   REST API (local API Gateway): {url}
@@ -55,10 +56,12 @@ tmux integration system running
   tmux hosts:                   {', '.join(f'{h} {stack.host_url(h)}' for h in stack.host_ports)}
   logs:                         {stack.log_dir}
 
-Log in as the development user (credentials in {stack.data_dir / 'dev-credentials.json'}):
-  TOKEN=$(curl -s {url}/auth/token -H 'content-type: application/json' \\
-      -d "$(cat {stack.data_dir / 'dev-credentials.json'})" | python3 -c 'import sys,json;print(json.load(sys.stdin)["access_token"])')
-  curl -s {url}/sessions -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d '{{"name":"demo"}}'
+Log in as the development user (credentials in {creds_file}, mode 0600):
+  TOKEN=$(curl -s {url}/auth/token -H 'content-type: application/json' -d @{creds_file} \\
+      | python3 -c 'import sys,json; print(json.load(sys.stdin)["access_token"])')
+  curl -s {url}/sessions -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' \\
+      -d '{{"name":"demo"}}'
+See README.md for the rest of the walk-through (exec, screen, input, delete).
 
 Press Ctrl-C to stop everything.
 """, flush=True)

@@ -70,7 +70,7 @@ class RedisServer:
     def start(self) -> str:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("redis-server not found: install it (`apt-get install redis-server`) or run `make setup`")
+            raise RuntimeError("redis-server not found: `apt-get install redis-server` (or `make setup`)")
         if not self.port:
             self.port = free_port()
         self.proc = subprocess.Popen(

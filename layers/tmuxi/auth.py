@@ -16,7 +16,7 @@ from tmuxi.errors import Unauthorized
 from tmuxi.settings import get_settings
 
 ALGORITHM = "HS256"  # pinned: the only algorithm ever accepted
-TOKEN_TYPE = "at+jwt"  # RFC 9068 access-token type, checked on every token
+TOKEN_TYPE = "at+jwt"  # noqa: S105 - RFC 9068 access-token type, checked on every token
 _REQUIRED = ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 

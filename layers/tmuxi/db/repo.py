@@ -39,7 +39,8 @@ def audit_events(session_id: UUID | None = None, actor: UUID | None = None, limi
     with connection() as conn:
         return conn.execute(
             "SELECT id, at, actor_id, action, session_id, status, detail FROM audit_events"
-            " WHERE (%(sid)s::uuid IS NULL OR session_id = %(sid)s) AND (%(actor)s::uuid IS NULL OR actor_id = %(actor)s)"
+            " WHERE (%(sid)s::uuid IS NULL OR session_id = %(sid)s)"
+            " AND (%(actor)s::uuid IS NULL OR actor_id = %(actor)s)"
             " ORDER BY id DESC LIMIT %(limit)s",
             {"sid": session_id, "actor": actor, "limit": limit},
         ).fetchall()
@@ -85,10 +86,7 @@ def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quot
             "SELECT count(*) AS n FROM sessions WHERE owner_id = %s AND state = ANY(%s)", (owner_id, list(LIVE_STATES))
         ).fetchone()
         live = int(row["n"]) if row else 0
-        if live >= quota:
-            out = None
-        else:
-            out = _place(conn, sid, owner_id, name, cols, rows, dead_after_s)
+        out = None if live >= quota else _place(conn, sid, owner_id, name, cols, rows, dead_after_s)
     if out is None:  # audited outside the (now finished) transaction so the denial is kept
         audit(owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
         raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first", quota=quota)
