@@ -1,1 +1,1 @@
-"""The Lambda functions: ``api`` (FastAPI behind Mangum) and ``authorizer`` (API Gateway REQUEST authorizer)."""
+"""The Lambda functions: ``api`` (FastAPI behind Mangum) and ``authorizer`` (REST REQUEST authorizer)."""

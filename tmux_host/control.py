@@ -28,7 +28,6 @@ from tmuxi.errors import HostUnavailable
 from tmuxi.observability import logger
 
 CTL_SESSION = "_ctl"
-_READ_LIMIT = 64 * 1024 * 1024  # a single reply line (e.g. a long list) may be long; never choke on it
 MAX_COMMAND_LINE = 16 * 1024
 
 NotificationCallback = Callable[[str, str], None]
@@ -99,6 +98,30 @@ class _Block:
         self.lines: list[str] = []
 
 
+class _Protocol(asyncio.SubprocessProtocol):
+    """Feeds tmux's stdout to the client as it arrives: replies are matched in the event loop callback
+    itself (no reader task hop), which keeps a command round trip close to the pipe's own latency."""
+
+    def __init__(self, client: ControlClient) -> None:
+        self.client = client
+        self.stderr = bytearray()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.client._feed(data)
+        elif len(self.stderr) < 4096:
+            self.stderr += data[: 4096 - len(self.stderr)]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self.client._eof(self)
+
+    def process_exited(self) -> None:
+        # stdout EOF (above) normally comes first and carries every byte written before the exit; this is
+        # only a fallback should some other process keep the pipe open.
+        asyncio.get_running_loop().call_later(0.5, self.client._eof, self)
+
+
 class ControlClient:
     """One control-mode connection. ``await start()``, then ``await command("list-sessions ...")``.
 
@@ -114,56 +137,73 @@ class ControlClient:
         cwd: str | None = None,
         on_notification: NotificationCallback | None = None,
         start_timeout_s: float = 10.0,
+        command_timeout_s: float = 30.0,
     ) -> None:
         self.socket_path = str(socket_path)
         self.shell = shell
         self.cwd = cwd
         self.on_notification = on_notification
         self.start_timeout_s = start_timeout_s
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self.command_timeout_s = command_timeout_s
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._protocol: _Protocol | None = None
+        self._buf = bytearray()
+        self._block: _Block | None = None
         self._pending: deque[tuple[asyncio.Future[list[str]], str]] = deque()
         self._startup: asyncio.Future[list[str]] | None = None
+        self._closed: asyncio.Event | None = None
         self._closed_reason: str | None = "not started"
+        self.last_header: tuple[str, str, str] | None = None  # (time, number, flags) of the last reply
+        self._exit_line = ""
 
     # --- lifecycle ---------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._closed_reason is None and self._proc is not None and self._proc.returncode is None
+        return self._closed_reason is None and self._transport is not None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._transport.get_pid() if self._transport else None
 
     async def start(self) -> None:
         if self.alive:
             return
-        await self._reap()
+        await self.close()
         loop = asyncio.get_running_loop()
         self._startup = loop.create_future()
+        self._closed = asyncio.Event()
         self._pending.clear()
+        self._buf.clear()
+        self._block = None
+        self._exit_line = ""
         self._closed_reason = None
+        env = clean_env(self.shell)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(self),
                 tmux_binary(), "-S", self.socket_path, "-f", "/dev/null", "-C",
                 "new-session", "-A", "-s", CTL_SESSION, "-x", "80", "-y", "24", "exec sleep 2147483647",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=clean_env(self.shell),
-                cwd=self.cwd or clean_env(self.shell)["HOME"],
+                env=env,
+                cwd=self.cwd or env["HOME"],
                 start_new_session=True,  # not in the host's process group: Ctrl-C/kill of the host spare it
-                limit=_READ_LIMIT,
             )
         except OSError as exc:
             self._closed_reason = f"cannot start tmux: {exc}"
+            self._closed.set()
             raise ControlClosed(self._closed_reason) from exc
-        self._reader = asyncio.create_task(self._read_loop(), name=f"tmux-ctl-{self.socket_path}")
+        self._transport, self._protocol = transport, protocol
+        # (uvloop's pipe transports are not asyncio.WriteTransport subclasses; only write/close are used)
+        self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
         try:
             # The first block is the reply to the startup command itself (flags 0): consume it.
             await asyncio.wait_for(asyncio.shield(self._startup), self.start_timeout_s)
             # This client only drives commands; it must not receive pane output (it is attached to the
-            # hidden _ctl session only). Output streaming will use its own subscription (later issue).
+            # hidden _ctl session only). Output streaming will use its own subscription (later issue):
+            # notifications, including %output, already reach `on_notification`.
             await self.command("refresh-client -f no-output")
         except (TimeoutError, ControlClosed, TmuxCommandError) as exc:
             await self.close()
@@ -171,37 +211,40 @@ class ControlClient:
 
     async def close(self) -> None:
         """Detach (the tmux server and its sessions keep running)."""
-        proc = self._proc
+        transport = self._transport
         self._fail_all("control client closed")
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(Exception):
-                assert proc.stdin is not None
-                proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), 2.0)
-            except TimeoutError:
+        if transport is None:
+            return
+        if self._stdin is not None:
+            self._stdin.close()  # EOF: the tmux client detaches and exits
+        if transport.get_returncode() is None and self._closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_exit(transport), 2.0)
+            if transport.get_returncode() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        await self._reap()
+                    transport.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_exit(transport), 2.0)
+        transport.close()
+        if self._transport is transport:
+            self._transport = None
+            self._stdin = None
+
+    @staticmethod
+    async def _wait_exit(transport: asyncio.SubprocessTransport) -> None:
+        while transport.get_returncode() is None:
+            await asyncio.sleep(0.01)
 
     async def wait_closed(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._reader)
-
-    async def _reap(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        self._reader = None
+        """Return once the current connection is gone (immediately if there is none)."""
+        if self._closed is not None and self._closed_reason is None:
+            await self._closed.wait()
 
     # --- commands ----------------------------------------------------------------------------------
     def submit(self, line: str) -> asyncio.Future[list[str]]:
         """Write one command line now and return the future of its reply lines (raises TmuxCommandError on
         ``%error``). Several submits in a row pipeline commands without waiting for each reply."""
-        if not self.alive:
+        if not self.alive or self._stdin is None:
             raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
         if "\n" in line or "\r" in line:
             raise ValueError("one command per line")
@@ -209,78 +252,81 @@ class ControlClient:
         if len(data) > MAX_COMMAND_LINE:
             raise ValueError(f"tmux command line too long ({len(data)} bytes)")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        assert self._proc is not None and self._proc.stdin is not None
         # Append and write without any await in between: FIFO order == write order.
         self._pending.append((fut, line))
         try:
-            self._proc.stdin.write(data)
+            self._stdin.write(data)
         except (ConnectionError, RuntimeError) as exc:
             self._fail_all(f"write failed: {exc}")
         return fut
 
+    async def _await(self, fut: asyncio.Future[list[str]]) -> list[str]:
+        # A timer on the future itself (cheaper than asyncio.wait_for on this hot path). On timeout the
+        # future fails; its reply is still consumed when (if) it comes, so the FIFO stays aligned.
+        timer = asyncio.get_running_loop().call_later(self.command_timeout_s, self._expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future[list[str]]) -> None:
+        if not fut.done():
+            fut.set_exception(ControlClosed(f"tmux did not answer within {self.command_timeout_s} s"))
+
     async def command(self, line: str) -> list[str]:
-        fut = self.submit(line)
-        await self._drain()
-        return await fut
+        return await self._await(self.submit(line))
 
     async def commands(self, lines: Sequence[str]) -> list[list[str] | BaseException]:
         """Pipeline several commands; return each reply or its exception (in order)."""
         futs = [self.submit(line) for line in lines]
-        await self._drain()
-        return list(await asyncio.gather(*futs, return_exceptions=True))
-
-    async def _drain(self) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None:
-            return
-        try:
-            await proc.stdin.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            self._fail_all(f"write failed: {exc}")
+        return list(await asyncio.gather(*(self._await(f) for f in futs), return_exceptions=True))
 
     # --- reading -----------------------------------------------------------------------------------
-    async def _read_loop(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        stdout = self._proc.stdout
-        block: _Block | None = None
+    def _feed(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            self._on_line(bytes(buf[start:nl]).decode("utf-8", errors="replace"))
+            start = nl + 1
+        if start:
+            del buf[:start]
+
+    def _on_line(self, line: str) -> None:
+        block = self._block
+        if block is not None:
+            if self._is_block_end(line, block):
+                self._block = None
+                self._finish_block(block, line.startswith("%error"))
+            else:
+                block.lines.append(line)
+            return
+        if line.startswith("%begin "):
+            parts = line.split(" ")
+            if len(parts) == 4:
+                self._block = _Block((parts[1], parts[2], parts[3]))
+                return
+        if line.startswith("%exit"):
+            self._exit_line = line[1:]
+            return
+        if line.startswith("%"):
+            self._notify(parse_notification(line))
+        # anything else outside a block is not expected from tmux: ignore it
+
+    def _eof(self, protocol: _Protocol) -> None:
+        if protocol is not self._protocol or self._closed_reason is not None:
+            return
         reason = "tmux control process exited"
-        try:
-            while True:
-                raw = await stdout.readline()
-                if not raw:
-                    break
-                line = raw.rstrip(b"\n").decode("utf-8", errors="replace")
-                if block is not None:
-                    if self._is_block_end(line, block):
-                        self._finish_block(block, line.startswith("%error"))
-                        block = None
-                    else:
-                        block.lines.append(line)
-                    continue
-                if line.startswith("%begin "):
-                    parts = line.split(" ")
-                    if len(parts) == 4:
-                        block = _Block((parts[1], parts[2], parts[3]))
-                        continue
-                if line.startswith("%exit"):
-                    reason = f"tmux control client exited ({line[1:]})"
-                    continue
-                if line.startswith("%"):
-                    self._notify(parse_notification(line))
-                # anything else outside a block is noise from tmux (not expected): ignore
-        except asyncio.CancelledError:
-            self._fail_all("control client closed")
-            raise
-        except Exception as exc:  # pragma: no cover - defensive
-            reason = f"control reader failed: {exc!r}"
-            logger.exception("tmux control reader failed", extra={"socket": self.socket_path})
-        proc = self._proc
-        if proc is not None and proc.stderr is not None:
-            with contextlib.suppress(Exception):
-                tail = await asyncio.wait_for(proc.stderr.read(4096), 0.2)
-                if tail:
-                    reason += f": {tail.decode('utf-8', 'replace').strip()[:200]}"
+        if self._exit_line:
+            reason += f" ({self._exit_line})"
+        if protocol.stderr:
+            reason += ": " + protocol.stderr.decode("utf-8", "replace").strip()[:200]
         self._fail_all(reason)
+        if self._transport is not None:
+            self._transport.close()  # release pipes (kills the tmux client if it somehow lingers)
 
     @staticmethod
     def _is_block_end(line: str, block: _Block) -> bool:
@@ -290,6 +336,7 @@ class ControlClient:
         return len(parts) == 4 and (parts[1], parts[2], parts[3]) == block.header
 
     def _finish_block(self, block: _Block, error: bool) -> None:
+        self.last_header = block.header
         if self._startup is not None and not self._startup.done():
             # First block = reply to the startup command (flags 0).
             if error:
@@ -302,7 +349,7 @@ class ControlClient:
             logger.debug("unsolicited tmux block ignored", extra={"socket": self.socket_path})
             return
         fut, line = self._pending.popleft()
-        if fut.done():  # caller cancelled; reply still consumed so the FIFO stays aligned
+        if fut.done():  # caller gave up; reply still consumed so the FIFO stays aligned
             return
         if error:
             fut.set_exception(TmuxCommandError(line, block.lines))
@@ -315,15 +362,18 @@ class ControlClient:
             return
         try:
             cb(note.name, note.args)
-        except Exception:  # a buggy subscriber must not kill the reader
+        except Exception:  # a buggy subscriber must not break the connection
             logger.exception("notification callback failed")
 
     def _fail_all(self, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
+        if self._closed is not None:
+            self._closed.set()
         err_msg = f"tmux control connection to {self.socket_path} lost: {reason}"
         if self._startup is not None and not self._startup.done():
             self._startup.set_exception(ControlClosed(err_msg))
+            self._startup.exception()  # retrieved: start() reports it
         while self._pending:
             fut, _ = self._pending.popleft()
             if not fut.done():

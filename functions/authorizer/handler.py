@@ -14,16 +14,12 @@ from tmuxi.models import Principal
 from tmuxi.observability import AUTH_FAILURES, logger
 from tmuxi.services import auth as auth_service
 
-# Reasons are a closed set: they become a metric label.
-_REASONS = frozenset(
-    {"missing", "malformed", "expired", "invalid_signature", "invalid_claims", "revoked", "invalid"}
-)
-
 
 class _Refused(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, counted: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.counted = counted  # authorize() already counted it in tmux_authentication_failures
 
 
 def _header(event: dict[str, Any], name: str) -> str | None:
@@ -69,11 +65,6 @@ def allow_policy(principal: Principal, method_arn: str) -> dict[str, Any]:
     }
 
 
-def _reason_of(exc: Unauthorized) -> str:
-    reason = str(exc.details.get("reason", "invalid")) if exc.details else "invalid"
-    return reason if reason in _REASONS else "invalid"
-
-
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     request_id = (event.get("requestContext") or {}).get("requestId")
     try:
@@ -81,9 +72,10 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         try:
             principal = auth_service.authorize(token)
         except Unauthorized as exc:
-            raise _Refused(_reason_of(exc)) from None
+            raise _Refused(str((exc.details or {}).get("reason", "invalid")), counted=True) from None
     except _Refused as refused:
-        AUTH_FAILURES.labels(reason=refused.reason).inc()
+        if not refused.counted:  # header problems never reach authorize(), so they are counted here
+            AUTH_FAILURES.labels(reason=refused.reason).inc()
         logger.info("authorization refused", extra={"reason": refused.reason, "request_id": request_id})
         raise Exception("Unauthorized") from None  # noqa: TRY002 - the exact contract with API Gateway
     return allow_policy(principal, str(event.get("methodArn", "")))

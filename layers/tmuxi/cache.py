@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import redis
@@ -154,6 +155,55 @@ def load_revocations(entries: list[tuple[str, int]]) -> None:
     _gate.call(_load)
 
 
+# --- one round trip per API request ---------------------------------------------------------------
+@dataclass
+class Admission:
+    """What one authenticated request needs from Redis, fetched in one round trip."""
+
+    count: int  # requests by this caller in the current rate-limit window
+    revoked: bool | None  # None: Redis cannot say (restarted and not re-warmed)
+    session: dict[str, Any] | None  # the cached session row, when a session was named and cached
+    gen: int  # the cache generation, for put_session
+
+
+# Rate-limit count and the reads an authenticated request needs, as ONE Redis command (one round trip, one
+# reply to parse). KEYS[1] is the rate-limit window key, KEYS[2..] are read; ARGV[1] is the window's TTL.
+_ADMIT_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+local out = {n}
+for i = 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
+return out
+"""
+_admit_script: dict[int, Any] = {}
+
+
+def admit(caller_key: str, jti: str, session_id: str | None, window_s: int = 60) -> Admission | _Down:
+    """Count the request for rate limiting, look up the token's revocation and the session's cache entry."""
+    keys = [f"rl:{caller_key}:{int(time.time()) // window_s}", f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN]
+    if session_id:
+        keys.append(f"session:{session_id}")
+
+    def _run(r: redis.Redis) -> list[Any]:
+        script = _admit_script.get(id(r))
+        if script is None:
+            script = _admit_script[id(r)] = r.register_script(_ADMIT_LUA)
+        return list(script(keys=keys, args=[window_s + 1], client=r))
+
+    res = _gate.call(_run)
+    if isinstance(res, _Down):
+        return DOWN
+    count, revoked_hit, loaded, gen_raw = res[0], res[1], res[2], res[3]
+    gen = int(gen_raw or 0)
+    revoked = True if revoked_hit is not None else (False if loaded is not None else None)
+    session = None
+    if session_id and len(res) > 4 and res[4] is not None:
+        entry = json.loads(res[4])
+        if entry.pop("_g", None) == gen:
+            session = entry
+    return Admission(int(count), revoked, session, gen)
+
+
 # --- rate limits -----------------------------------------------------------------------------------
 _local_windows: dict[tuple[str, int], int] = {}
 _local_lock = threading.Lock()
@@ -162,8 +212,7 @@ _local_lock = threading.Lock()
 def rate_limit_hit(key: str, limit: int, window_s: int = 60) -> bool:
     """Count one request for ``key`` in the current fixed window; True if it is over ``limit``. With Redis
     down the count is kept per process (a per-instance limit rather than none)."""
-    window = int(time.time()) // window_s
-    rkey = f"rl:{key}:{window}"
+    rkey = f"rl:{key}:{int(time.time()) // window_s}"
 
     def _hit(r: redis.Redis) -> int:
         pipe = r.pipeline(transaction=False)
@@ -173,11 +222,18 @@ def rate_limit_hit(key: str, limit: int, window_s: int = 60) -> bool:
 
     count = _gate.call(_hit)
     if isinstance(count, _Down):
-        with _local_lock:
-            for k in [k for k in _local_windows if k[1] != window]:
-                del _local_windows[k]
-            count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
+        count = local_rate_count(key, window_s)
     return count > limit
+
+
+def local_rate_count(key: str, window_s: int = 60) -> int:
+    """The per-process fallback counter used while Redis is down."""
+    window = int(time.time()) // window_s
+    with _local_lock:
+        for k in [k for k in _local_windows if k[1] != window]:
+            del _local_windows[k]
+        count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
+    return count
 
 
 # --- host registry ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Route:
     resource: str  # API Gateway resource path template, e.g. "/sessions/{id}"
     protected: bool  # True -> the REQUEST authorizer runs first
     name: str  # stable operation name (CDK construct ids, metrics, docs)
+    long_running: bool = False  # may wait seconds on a terminal (exec, create): never queued behind quick ones
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -35,14 +36,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/auth/health", False, "auth_health"),
     Route("GET", "/validate", True, "validate"),
     # sessions
-    Route("POST", "/sessions", True, "create_session"),
+    Route("POST", "/sessions", True, "create_session", long_running=True),
     Route("GET", "/sessions", True, "list_sessions"),
     Route("GET", "/sessions/{id}", True, "get_session"),
     Route("DELETE", "/sessions/{id}", True, "delete_session"),
     Route("POST", "/sessions/{id}/input", True, "send_input"),
     Route("GET", "/sessions/{id}/screen", True, "read_screen"),
     Route("POST", "/sessions/{id}/resize", True, "resize"),
-    Route("POST", "/sessions/{id}/exec", True, "exec_command"),
+    Route("POST", "/sessions/{id}/exec", True, "exec_command", long_running=True),
     # operations / documentation
     Route("GET", "/health", False, "health"),
     Route("GET", "/openapi.json", False, "openapi"),
@@ -55,9 +56,10 @@ class AuthorizerConfig:
     """How API Gateway runs the Lambda REQUEST authorizer."""
 
     identity_header: str = "Authorization"  # identity source: method.request.header.Authorization
-    # API Gateway can cache an Allow/Deny per identity-source value. 0 = off: a revoked token is refused on
-    # the very next request (with caching it would stay usable until the cached policy expires).
-    result_ttl_s: int = 0
+    # API Gateway caches the authorizer's Allow/Deny per identity-source value (its default is 300 s). That is
+    # safe here because the API itself re-checks expiry and revocation on every request (services.auth.admit,
+    # in the same Redis round trip that fetches the session): a revoked token is refused on the next request.
+    result_ttl_s: int = 300
 
     @property
     def identity_source(self) -> str:

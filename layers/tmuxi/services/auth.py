@@ -8,9 +8,12 @@ from uuid import UUID
 
 from tmuxi import auth, cache
 from tmuxi.db import repo
-from tmuxi.errors import Unauthorized
+from tmuxi.errors import RateLimited, Unauthorized
 from tmuxi.models import Principal, TokenRequest, TokenResponse, ValidateResponse
 from tmuxi.observability import AUTH_FAILURES
+from tmuxi.settings import get_settings
+
+_LEEWAY_S = 5
 
 
 def login(body: TokenRequest) -> TokenResponse:
@@ -25,8 +28,10 @@ def login(body: TokenRequest) -> TokenResponse:
     return TokenResponse(access_token=token, expires_in=ttl)
 
 
-def _revoked(jti: str) -> bool:
-    known = cache.is_revoked(jti)
+def _revoked(jti: str, known: bool | None = None) -> bool:
+    """Is the token revoked? Redis answers when it can; PostgreSQL (the record) when it cannot."""
+    if known is None:
+        known = cache.is_revoked(jti)
     if known is not None:
         return known
     revoked = repo.is_token_revoked(jti)
@@ -51,12 +56,36 @@ def authorize(token: str) -> Principal:
                      jti=claims["jti"], exp=int(claims["exp"]))
 
 
+def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | None:
+    """The checks every authenticated request passes, whether or not the gateway cached the authorizer's
+    answer: token not expired, not revoked, caller under the rate limit. One Redis round trip also brings the
+    named session's cache entry. Returns None when Redis is down (then PostgreSQL answers)."""
+    if p.exp < time.time() - _LEEWAY_S:
+        AUTH_FAILURES.labels(reason="expired").inc()
+        raise Unauthorized("token expired", reason="expired")
+    key = f"user:{p.user_id}"
+    adm = cache.admit(key, p.jti, str(session_id) if session_id else None)
+    if isinstance(adm, cache.Admission):
+        count, known = adm.count, adm.revoked
+    else:
+        count, known, adm = cache.local_rate_count(key), None, None
+    limit = get_settings().rate_limit_per_minute
+    if count > limit:
+        raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit)
+    if _revoked(p.jti, known if adm is not None else None):
+        AUTH_FAILURES.labels(reason="revoked").inc()
+        raise Unauthorized("token revoked", reason="revoked")
+    return adm
+
+
 def revoke(principal: Principal) -> None:
+    admit(principal)
     repo.revoke_token(principal.jti, principal.user_id, datetime.fromtimestamp(principal.exp, UTC))
     cache.mark_revoked(principal.jti, principal.exp - int(time.time()) + 5)
 
 
 def validate(principal: Principal) -> ValidateResponse:
+    admit(principal)
     return ValidateResponse(user_id=principal.user_id, username=principal.username, role=principal.role,
                             expires_at=datetime.fromtimestamp(principal.exp, UTC))
 

@@ -15,7 +15,6 @@ from tmuxi.errors import (
     HostUnavailable,
     NotFound,
     PayloadTooLarge,
-    RateLimited,
     SessionNotActive,
 )
 from tmuxi.models import (
@@ -29,6 +28,7 @@ from tmuxi.models import (
     SessionCreate,
 )
 from tmuxi.observability import logger
+from tmuxi.services import auth as auth_service
 from tmuxi.settings import get_settings
 
 _PUBLIC = set(Session.model_fields)
@@ -39,18 +39,15 @@ def _public(row: dict[str, Any]) -> Session:
 
 
 def _load(p: Principal, session_id: UUID) -> dict[str, Any]:
-    """The session row (cache first), if the caller may see it."""
-    key = str(session_id)
-    cached = cache.get_session(key)
-    row: dict[str, Any] | None
-    if isinstance(cached, tuple) and cached[0] is not None:
-        row = cached[0]
-    else:
+    """Admit the request and return the session row (cache first), if the caller may see it."""
+    adm = auth_service.admit(p, session_id)
+    row = adm.session if adm is not None else None
+    if row is None:
         row = repo.get_session(session_id)
-        if row is not None and isinstance(cached, tuple):
-            cache.put_session(key, row, cached[1])
+        if row is not None and adm is not None:
+            cache.put_session(str(session_id), row, adm.gen)
     if row is None or (str(row["owner_id"]) != str(p.user_id) and p.role != "admin"):
-        raise NotFound(f"session {key} not found")
+        raise NotFound(f"session {session_id} not found")
     return row
 
 
@@ -58,22 +55,17 @@ def _active(p: Principal, session_id: UUID) -> tuple[dict[str, Any], host_client
     row = _load(p, session_id)
     if row["state"] != "active":
         raise SessionNotActive(f"session {session_id} is {row['state']}")
-    return row, host_client.for_url(registry.host_url(row["host_id"]))
-
-
-def check_rate_limit(p: Principal) -> None:
-    limit = get_settings().rate_limit_per_minute
-    if cache.rate_limit_hit(f"user:{p.user_id}", limit):
-        raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit)
+    return row, host_client.HostClient(registry.host_url(row["host_id"]))
 
 
 def create_session(p: Principal, body: SessionCreate) -> Session:
+    auth_service.admit(p)
     s = get_settings()
     cols, rows = body.cols or s.default_cols, body.rows or s.default_rows
     row = repo.reserve_session(p.user_id, body.name, cols, rows, s.session_quota, s.host_dead_after_s)
     sid: UUID = row["id"]
     try:
-        created = host_client.for_url(row["host_url"]).create_session(sid, str(p.user_id), cols, rows)
+        created = host_client.HostClient(row["host_url"]).create_session(sid, str(p.user_id), cols, rows)
     except AppError as exc:
         repo.end_session(sid, p.user_id, "failed", f"host {row['host_id']}: {exc.message}")
         logger.warning("session creation failed on host", extra={"host_id": row["host_id"], "error": exc.code})
@@ -84,6 +76,7 @@ def create_session(p: Principal, body: SessionCreate) -> Session:
 
 
 def list_sessions(p: Principal, include_ended: bool = False) -> list[Session]:
+    auth_service.admit(p)
     owner = None if p.role == "admin" else p.user_id
     return [_public(r) for r in repo.list_sessions(owner, include_ended)]
 
@@ -97,7 +90,7 @@ def delete_session(p: Principal, session_id: UUID) -> None:
     if row["state"] not in ("creating", "active"):
         raise NotFound(f"session {session_id} not found")
     try:
-        host_client.for_url(registry.host_url(row["host_id"])).kill_session(session_id)
+        host_client.HostClient(registry.host_url(row["host_id"])).kill_session(session_id)
     except NotFound:
         pass  # already gone from tmux
     except HostUnavailable:

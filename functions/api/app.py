@@ -1,0 +1,376 @@
+"""The REST API: a thin FastAPI app. Each route parses its input, calls ONE service function and shapes the
+response. Errors become JSON in one place (the handlers at the bottom + ``_EdgeMiddleware``).
+
+The caller's identity is never computed here: API Gateway's Lambda authorizer already verified the token and
+put the principal into ``requestContext.authorizer`` of the proxy event, which Mangum exposes as
+``request.scope["aws.event"]``.
+
+Routes are ``async def`` yet call the synchronous services directly: behind Mangum each invocation owns its
+event loop (one request per Lambda environment, one per gateway worker thread locally), so blocking it costs
+nothing and saves a thread hop per request. Do not serve this app with a plain ASGI server under concurrency.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import Body, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tmuxi
+from tmuxi.errors import AppError, Unauthorized
+from tmuxi.models import (
+    ErrorResponse,
+    ExecRequest,
+    ExecResult,
+    HealthResponse,
+    InputRequest,
+    Principal,
+    ResizeRequest,
+    ScreenResponse,
+    Session,
+    SessionCreate,
+    SessionList,
+    TokenRequest,
+    TokenResponse,
+    ValidateResponse,
+)
+from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger
+from tmuxi.services import auth as auth_service
+from tmuxi.services import health as health_service
+from tmuxi.services import sessions as sessions_service
+from tmuxi.settings import get_settings
+
+COMPONENT = "api"
+
+
+# --- OpenAPI models for the error shapes ------------------------------------------------------------------
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ValidationErrorBody(BaseModel):
+    code: str = "validation_error"
+    message: str
+    fields: list[FieldError]
+
+
+class ValidationErrorResponse(BaseModel):
+    error: ValidationErrorBody
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_COMMON: dict[int | str, dict[str, Any]] = {
+    413: _err("Request body too large"),
+    422: {"model": ValidationErrorResponse, "description": "Invalid request (names the offending fields)"},
+    500: _err("Internal error (no details leaked)"),
+    503: _err("A dependency is unavailable"),
+}
+_AUTHED: dict[int | str, dict[str, Any]] = {
+    **_COMMON,
+    401: _err("Missing, malformed, expired, revoked or wrongly signed token"),
+    429: _err("Rate limit or session quota exceeded"),
+}
+_SESSION: dict[int | str, dict[str, Any]] = {
+    **_AUTHED,
+    404: _err("No such session (or it belongs to someone else)"),
+    409: _err("Session busy or not active"),
+}
+
+app = FastAPI(
+    title="tmuxi",
+    version=tmuxi.__version__,
+    description="Persistent tmux terminal sessions over REST: create, send input, read the screen, exec.",
+    openapi_url="/openapi.json",
+    redoc_url=None,
+    swagger_ui_oauth2_redirect_url=None,
+)
+
+
+# --- identity ---------------------------------------------------------------------------------------------
+def _authorizer_context(request: Request) -> dict[str, Any] | None:
+    event = request.scope.get("aws.event")
+    if not isinstance(event, dict):
+        return None
+    ctx = (event.get("requestContext") or {}).get("authorizer")
+    return ctx if isinstance(ctx, dict) and ctx else None
+
+
+async def principal(request: Request) -> Principal:
+    """The caller, from the authorizer context (no context -> 401). Expiry, revocation and the rate limit are
+    checked by the services on every request (the gateway may cache the authorizer's answer)."""
+    ctx = _authorizer_context(request)
+    if ctx is None:
+        raise Unauthorized("no authorizer context: the request did not pass the authorizer")
+    return auth_service.principal_from_context(ctx)
+
+
+Caller = Depends(principal)
+
+# --- auth -------------------------------------------------------------------------------------------------
+
+
+@app.post("/auth/token", response_model=TokenResponse, tags=["auth"],
+          responses={**_COMMON, 401: _err("Wrong username or password")})
+async def login(body: TokenRequest) -> TokenResponse:
+    return auth_service.login(body)
+
+
+@app.post("/auth/revoke", status_code=204, response_class=Response, tags=["auth"], responses=_AUTHED)
+async def revoke(p: Principal = Caller) -> Response:
+    auth_service.revoke(p)
+    return Response(status_code=204)
+
+
+@app.get("/auth/health", response_model=HealthResponse, tags=["auth"], responses=_COMMON)
+async def auth_health() -> HealthResponse:
+    return health_service.health()
+
+
+@app.get("/validate", response_model=ValidateResponse, tags=["auth"], responses=_AUTHED)
+async def validate(p: Principal = Caller) -> ValidateResponse:
+    return auth_service.validate(p)
+
+
+# --- sessions ---------------------------------------------------------------------------------------------
+
+
+@app.post("/sessions", status_code=201, response_model=Session, tags=["sessions"], responses=_AUTHED)
+async def create_session(body: Annotated[SessionCreate | None, Body()] = None, p: Principal = Caller) -> Session:
+    # an empty body means all defaults (`curl -X POST /sessions`)
+    return sessions_service.create_session(p, body or SessionCreate())
+
+
+@app.get("/sessions", response_model=SessionList, tags=["sessions"], responses=_AUTHED)
+async def list_sessions(include_ended: bool = False, p: Principal = Caller) -> SessionList:
+    return SessionList(sessions=sessions_service.list_sessions(p, include_ended=include_ended))
+
+
+@app.get("/sessions/{id}", response_model=Session, tags=["sessions"], responses=_SESSION)
+async def get_session(id: UUID, p: Principal = Caller) -> Session:  # noqa: A002 - the API's name
+    return sessions_service.get_session(p, id)
+
+
+@app.delete("/sessions/{id}", status_code=204, response_class=Response, tags=["sessions"],
+            responses=_SESSION)
+async def delete_session(id: UUID, p: Principal = Caller) -> Response:  # noqa: A002
+    sessions_service.delete_session(p, id)
+    return Response(status_code=204)
+
+
+@app.post("/sessions/{id}/input", status_code=204, response_class=Response, tags=["sessions"],
+          responses=_SESSION)
+async def send_input(id: UUID, body: InputRequest, p: Principal = Caller) -> Response:  # noqa: A002
+    sessions_service.send_input(p, id, body)
+    return Response(status_code=204)
+
+
+@app.get("/sessions/{id}/screen", response_model=ScreenResponse, tags=["sessions"], responses=_SESSION)
+async def read_screen(
+    id: UUID,  # noqa: A002
+    escapes: bool = False,
+    history: int = Query(0, ge=0, le=10000, description="scrollback lines to include above the screen"),
+    p: Principal = Caller,
+) -> ScreenResponse:
+    return sessions_service.read_screen(p, id, escapes, history)
+
+
+@app.post("/sessions/{id}/resize", status_code=204, response_class=Response, tags=["sessions"],
+          responses=_SESSION)
+async def resize(id: UUID, body: ResizeRequest, p: Principal = Caller) -> Response:  # noqa: A002
+    sessions_service.resize(p, id, body)
+    return Response(status_code=204)
+
+
+@app.post("/sessions/{id}/exec", response_model=ExecResult, tags=["sessions"], responses=_SESSION)
+async def exec_command(id: UUID, body: ExecRequest, p: Principal = Caller) -> ExecResult:  # noqa: A002
+    return sessions_service.exec_command(p, id, body)
+
+
+# --- operations -------------------------------------------------------------------------------------------
+
+
+@app.get("/health", response_model=HealthResponse, tags=["operations"], responses=_COMMON)
+async def health() -> HealthResponse:
+    return health_service.health()
+
+
+# --- errors: the one place they become JSON ---------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+@app.exception_handler(AppError)
+async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+    headers = None
+    retry_after = exc.details.get("retry_after_s") if exc.details else None
+    if exc.status in (429, 503) and isinstance(retry_after, int | float):
+        headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc) or "request"
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(
+            {"error": {"code": "validation_error", "message": "request body is not valid JSON",
+                       "fields": [{"field": "body", "message": "not valid JSON"}]}},
+            status_code=422,
+        )
+    fields = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        fields.append({"field": _field_path(e.get("loc", ())), "message": msg})
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    return JSONResponse(
+        {"error": {"code": "validation_error", "message": message, "fields": fields}}, status_code=422
+    )
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
+    message = "no such route" if exc.status_code == 404 else str(exc.detail)
+    return _error(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+# --- edge middleware: body limit, unexpected errors, request log + metrics --------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+_TOO_LARGE = b'{"error":{"code":"payload_too_large","message":"request body too large"}}'
+_INTERNAL = b'{"error":{"code":"internal_error","message":"internal error"}}'
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_METRIC_CHILDREN: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+class _EdgeMiddleware:
+    """Pure ASGI (no per-request task or stream objects): refuses oversized bodies before anything parses
+    them, turns unexpected exceptions into a bare 500 (logged with the traceback, never sent), and writes one
+    structured log line + metrics per request with the route template (never tokens or bodies)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        limit = get_settings().max_body_bytes
+        state = {"status": 0}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        try:
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > limit:
+                        raise _BodyTooLarge
+                    break
+            # Read the whole body first (Mangum hands it over in one message anyway), then replay it, so
+            # nothing parses a body that is too large.
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _BodyTooLarge
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            replay: list[dict[str, Any]] = [
+                {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            ]
+
+            async def receive_replay() -> dict[str, Any]:
+                return replay.pop() if replay else await receive()  # type: ignore[no-any-return]
+
+            await self.app(scope, receive_replay, send_wrapper)
+        except _BodyTooLarge:
+            if not state["status"]:
+                await self._send(send_wrapper, 413, _TOO_LARGE)
+        except Exception:
+            ERRORS.labels(component=COMPONENT, kind="unhandled").inc()
+            logger.exception("unhandled error", extra={"route": _route_template(scope)})
+            if not state["status"]:
+                await self._send(send_wrapper, 500, _INTERNAL)
+        finally:
+            self._log(scope, state["status"] or 500, start)
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _log(scope: dict[str, Any], status: int, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        route = _route_template(scope)
+        key = (route, status)
+        children = _METRIC_CHILDREN.get(key)
+        if children is None:  # labels() costs a few µs; the (route, status) set is small and bounded
+            children = _METRIC_CHILDREN[key] = (
+                REQUESTS.labels(component=COMPONENT, route=route, status=str(status)),
+                REQUEST_DURATION.labels(component=COMPONENT, route=route, status=str(status)),
+            )
+        children[0].inc()
+        children[1].observe(elapsed)
+        event = scope.get("aws.event") or {}
+        ctx = scope.get("aws.context")
+        logger.info(
+            "request",
+            extra={
+                "method": scope.get("method"),
+                "route": route,
+                "status": status,
+                "duration": round(elapsed * 1000, 3),
+                "request_id": (event.get("requestContext") or {}).get("requestId"),
+                "lambda_request_id": getattr(ctx, "aws_request_id", None),
+            },
+        )
+
+
+def _route_template(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    event = scope.get("aws.event")
+    if isinstance(event, dict) and event.get("resource"):
+        return str(event["resource"])
+    return "unmatched"
+
+
+app.add_middleware(_EdgeMiddleware)

@@ -1,0 +1,199 @@
+"""Small synchronous client for the tmux host's internal HTTP API (used by the Lambda functions).
+
+One pooled keep-alive ``httpx.Client`` per host URL (module-level cache, reused across warm invocations).
+Connection errors and timeouts become :class:`tmuxi.errors.HostUnavailable`; error bodies
+``{"error": {"code", "message"}}`` are mapped back to the matching :mod:`tmuxi.errors` class.
+"""
+from __future__ import annotations
+
+import base64
+import threading
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+
+from tmuxi import errors
+from tmuxi.models import ExecResult, ScreenResponse
+from tmuxi.settings import Settings, get_settings
+
+SECRET_HEADER = "X-Tmuxi-Host-Secret"  # noqa: S105 - a header name, not a secret
+EXEC_TIMEOUT_MARGIN_S = 5.0
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What a host advertises in the registry (heartbeat)."""
+
+    host_id: str
+    url: str
+    capacity: int
+    active_sessions: int
+    started_at: float  # unix time (seconds) the host process started
+
+
+class HostFull(errors.HostUnavailable):
+    """The host is at capacity (503 ``host_full``): place the session on another host."""
+
+    code = "host_full"
+
+
+def _error_classes() -> dict[str, type[errors.AppError]]:
+    found: dict[str, type[errors.AppError]] = {}
+    stack: list[type[errors.AppError]] = [errors.AppError]
+    while stack:
+        cls = stack.pop()
+        found.setdefault(cls.code, cls)
+        stack.extend(cls.__subclasses__())
+    found["host_full"] = HostFull
+    return found
+
+
+_BY_STATUS: dict[int, type[errors.AppError]] = {
+    400: errors.BadRequest, 401: errors.Unauthorized, 403: errors.Forbidden, 404: errors.NotFound,
+    409: errors.Conflict, 413: errors.PayloadTooLarge, 422: errors.BadRequest, 429: errors.RateLimited,
+    503: errors.HostUnavailable,
+}
+
+_clients: dict[str, httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _pooled(base_url: str) -> httpx.Client:
+    with _clients_lock:
+        client = _clients.get(base_url)
+        if client is None or client.is_closed:
+            client = httpx.Client(
+                base_url=base_url,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8, keepalive_expiry=60),
+                follow_redirects=False,
+            )
+            _clients[base_url] = client
+        return client
+
+
+def close_all() -> None:
+    """Close every pooled connection (tests, shutdown)."""
+    with _clients_lock:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()
+
+
+def _obj(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    return body
+
+
+class HostClient:
+    """Mirror of the host routes. ``HostClient(url)`` uses ``settings.require_host_secret()``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        secret: str | None = None,
+        timeout_s: float | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.base_url = base_url.rstrip("/")
+        self._secret = secret if secret is not None else self.settings.require_host_secret()
+        self.timeout_s = timeout_s if timeout_s is not None else self.settings.host_timeout_s
+
+    @property
+    def _http(self) -> httpx.Client:
+        return _pooled(self.base_url)
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def _request(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        try:
+            resp = self._http.request(
+                method, path, json=json, params=params,
+                headers={SECRET_HEADER: self._secret},
+                timeout=timeout_s if timeout_s is not None else self.timeout_s,
+            )
+        except httpx.TimeoutException as exc:
+            raise errors.HostUnavailable(f"tmux host timed out ({method})") from exc
+        except httpx.TransportError as exc:
+            raise errors.HostUnavailable(f"tmux host unreachable: {type(exc).__name__}") from exc
+        if resp.status_code >= 400:
+            raise self._to_error(resp)
+        return resp
+
+    @staticmethod
+    def _to_error(resp: httpx.Response) -> errors.AppError:
+        code, message = None, f"tmux host answered {resp.status_code}"
+        try:
+            body = resp.json()["error"]
+            code, message = body.get("code"), body.get("message") or message
+        except Exception:  # noqa: S110 - not JSON: keep the status-based mapping
+            pass
+        cls = _error_classes().get(code or "") if code else None
+        if cls is None or cls.status != resp.status_code:
+            cls = _BY_STATUS.get(resp.status_code, errors.AppError)
+        return cls(message)
+
+    # --- routes ------------------------------------------------------------------------------------
+    def create_session(self, session_id: UUID, owner_key: str, cols: int, rows: int) -> dict[str, Any]:
+        body = {"session_id": str(session_id), "owner_key": owner_key, "cols": cols, "rows": rows}
+        return _obj(self._request("POST", "/v1/sessions", json=body))
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return list(_obj(self._request("GET", "/v1/sessions"))["sessions"])
+
+    def kill_session(self, session_id: UUID) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def send_input(self, session_id: UUID, data: bytes | None = None, keys: list[str] | None = None) -> None:
+        """Send raw bytes and/or tmux key names (bytes first). Nothing to send is a no-op."""
+        body: dict[str, Any] = {}
+        if data:
+            body["data_b64"] = base64.b64encode(data).decode("ascii")
+        if keys:
+            body["keys"] = keys
+        if body:
+            self._request("POST", f"/v1/sessions/{session_id}/input", json=body)
+
+    def screen(self, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
+        params = {"escapes": int(escapes), "history": history}
+        return ScreenResponse.model_validate(
+            self._request("GET", f"/v1/sessions/{session_id}/screen", params=params).json()
+        )
+
+    def resize(self, session_id: UUID, cols: int, rows: int) -> None:
+        self._request("POST", f"/v1/sessions/{session_id}/resize", json={"cols": cols, "rows": rows})
+
+    def list_windows(self, session_id: UUID) -> list[dict[str, Any]]:
+        return list(_obj(self._request("GET", f"/v1/sessions/{session_id}/windows"))["windows"])
+
+    def create_window(self, session_id: UUID) -> dict[str, Any]:
+        return _obj(self._request("POST", f"/v1/sessions/{session_id}/windows", json={}))
+
+    def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
+        t = timeout_s if timeout_s is not None else self.settings.exec_timeout_default_s
+        t = min(t, self.settings.exec_timeout_max_s)
+        resp = self._request(
+            "POST", f"/v1/sessions/{session_id}/exec", json={"command": command, "timeout_s": t},
+            timeout_s=t + max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s),
+        )
+        return ExecResult.model_validate(resp.json())
+
+    def health(self) -> dict[str, Any]:
+        """``/health`` (no secret needed). Returns the body even when the host says 503 (no shard alive)."""
+        try:
+            resp = self._http.get("/health", timeout=self.timeout_s)
+        except httpx.TimeoutException as exc:
+            raise errors.HostUnavailable("tmux host timed out (health)") from exc
+        except httpx.TransportError as exc:
+            raise errors.HostUnavailable(f"tmux host unreachable: {type(exc).__name__}") from exc
+        try:
+            return _obj(resp)
+        except ValueError as exc:
+            raise errors.HostUnavailable(f"tmux host health answered {resp.status_code}") from exc

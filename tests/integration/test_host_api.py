@@ -1,0 +1,264 @@
+"""The tmux host through its HTTP API (real tmux, real uvicorn, the real sync host client)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tmux_host.control import tmux_binary
+from tmux_host.testing import SECRET, free_port, host_in_thread, kill_tmux_servers, wait_for
+from tmuxi import errors
+from tmuxi.host_client import HostClient, close_all
+from tmuxi.settings import Settings
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[tuple[HostClient, Settings]]:
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="th"))
+    settings = Settings(
+        socket_dir=d / "s", host_secret=SECRET, host_shards=2, host_port=free_port(), host_id="test-host",
+        max_input_bytes=4096, host_capacity=50, heartbeat_interval_s=60,
+    )
+    try:
+        with host_in_thread(settings) as url:
+            yield HostClient(url, secret=SECRET, settings=settings), settings
+    finally:
+        close_all()
+        kill_tmux_servers(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def client(host: tuple[HostClient, Settings]) -> HostClient:
+    return host[0]
+
+
+@pytest.fixture
+def session(client: HostClient) -> Iterator[uuid.UUID]:
+    sid = uuid.uuid4()
+    client.create_session(sid, "owner-" + sid.hex[:6], 100, 30)
+    yield sid
+    with contextlib.suppress(errors.NotFound):
+        client.kill_session(sid)
+
+
+def tmux(settings: Settings, shard: int, *args: str) -> str:
+    sock = settings.resolved_socket_dir / settings.host_id / f"s{shard}"
+    return subprocess.run([tmux_binary(), "-S", str(sock), *args], capture_output=True, text=True,
+                          check=True, timeout=10).stdout
+
+
+def shard_of(client: HostClient, sid: uuid.UUID) -> dict:
+    return next(s for s in client.list_sessions() if s["session_id"] == str(sid))
+
+
+def wait_screen(client: HostClient, sid: uuid.UUID, needle: str, **kw) -> str:  # type: ignore[no-untyped-def]
+    def found() -> str | None:
+        text = client.screen(sid, **kw).text
+        return text if needle in text else None
+
+    return wait_for(found, what=needle)
+
+
+def test_create_list_kill(client: HostClient, host: tuple[HostClient, Settings]) -> None:
+    settings = host[1]
+    sid = uuid.uuid4()
+    created = client.create_session(sid, "alice", 90, 20)
+    assert created["session_id"] == str(sid) and created["tmux_name"] == "t" + sid.hex
+    assert created["pane_id"].startswith("%") and created["pid"] > 0 and created["shard"] in (0, 1)
+    with pytest.raises(errors.Conflict):
+        client.create_session(sid, "alice", 90, 20)
+    listed = shard_of(client, sid)
+    assert listed["windows"] == 1 and listed["tmux_name"] == "t" + sid.hex
+    # same owner -> same shard (per-user sharding)
+    other = uuid.uuid4()
+    assert client.create_session(other, "alice", 90, 20)["shard"] == created["shard"]
+    assert "t" + sid.hex in tmux(settings, created["shard"], "list-sessions", "-F", "#{session_name}")
+    client.kill_session(sid)
+    client.kill_session(other)
+    assert str(sid) not in {s["session_id"] for s in client.list_sessions()}
+    with pytest.raises(errors.NotFound):
+        client.kill_session(sid)
+    h = client.health()
+    assert h["status"] == "ok" and h["host_id"] == "test-host" and len(h["shards"]) == 2
+
+
+def test_unknown_session_is_404(client: HostClient) -> None:
+    sid = uuid.uuid4()
+    for call in (lambda: client.screen(sid), lambda: client.send_input(sid, data=b"x"),
+                 lambda: client.exec(sid, "true", 1), lambda: client.resize(sid, 50, 20),
+                 lambda: client.list_windows(sid)):
+        with pytest.raises(errors.NotFound):
+            call()
+
+
+def test_input_is_literal(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
+    settings = host[1]
+    shard = shard_of(client, session)["shard"]
+    target = Path(tempfile.mkdtemp(dir="/tmp", prefix="tin")) / "out.bin"
+    before_sessions = tmux(settings, shard, "list-sessions", "-F", "#{session_id} #{session_name}")
+    before_windows = tmux(settings, shard, "list-windows", "-a", "-F", "#{window_id}")
+    payload = (
+        b"a;b ; kill-server \\; new-window #{session_name} #(touch /tmp/pwned) -t '%0' \"dq\" 'sq' "
+        b"$(echo sub) `echo bq` $HOME %end 1 2 1\nsecond line \\\n\xff\xfe\xc3\x28 end\n"
+    )
+    client.send_input(session, data=f"cat > {target}\n".encode())
+    pane = shard_of(client, session)["pane_id"]
+    wait_for(lambda: tmux(settings, shard, "display", "-p", "-t", pane, "#{pane_current_command}").strip() == "cat",
+             what="cat in foreground")
+    client.send_input(session, data=payload)  # small: send-keys -H
+    # large (> 256 bytes): load-buffer from a private file + paste-buffer -r; every non-control byte value
+    big = b"".join(bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100)) + b"#{q:x} ;\n" for _ in range(12))
+    assert len(big) > 2000
+    client.send_input(session, data=big)
+    client.send_input(session, keys=["C-d"])
+    wait_for(lambda: tmux(settings, shard, "display", "-p", "-t", pane, "#{pane_current_command}").strip() == "bash",
+             what="shell back")
+    assert target.read_bytes() == payload + big
+    assert tmux(settings, shard, "list-sessions", "-F", "#{session_id} #{session_name}") == before_sessions
+    assert tmux(settings, shard, "list-windows", "-a", "-F", "#{window_id}") == before_windows
+    assert not Path("/tmp/pwned").exists()
+    shutil.rmtree(target.parent, ignore_errors=True)
+    # metacharacters inside exec too: the command is run by the shell, never parsed by tmux
+    r = client.exec(session, "printf '%s|' '#{session_name}' 'a;b' \"$((6*7))\"; echo", 10)
+    assert r.exit_code == 0 and r.output == "#{session_name}|a;b|42|\n"
+    with pytest.raises(errors.BadRequest):
+        client.send_input(session, keys=["C-c", "kill-server"])
+
+
+def test_oversize_input_is_413(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
+    with pytest.raises(errors.PayloadTooLarge):
+        client.send_input(session, data=b"x" * (host[1].max_input_bytes + 1))
+    client.send_input(session, data=b"y" * host[1].max_input_bytes)  # at the limit is fine
+    client.send_input(session, data=b"zz", keys=["C-u"])  # bytes then keys, one request
+    client.send_input(session)  # nothing to send: no-op
+
+
+def test_screen_plain_escapes_history_resize(client: HostClient, session: uuid.UUID) -> None:
+    client.send_input(session, data=b"clear; seq 1 120; printf '\\033[31mRED\\033[0m\\n'\n")
+    text = wait_screen(client, session, "RED\n")
+    plain = client.screen(session)
+    assert "\x1b" not in plain.text and plain.cols == 100 and plain.rows == 30 and not plain.escapes
+    assert len(plain.text.split("\n")) == 30 and "120" in text
+    assert 0 <= plain.cursor_y < 30 and plain.cursor_x >= 0
+    colored = client.screen(session, escapes=True)
+    assert colored.escapes and "\x1b[31mRED" in colored.text
+    hist = client.screen(session, history=200)
+    lines = hist.text.split("\n")
+    assert "1" in lines and "120" in lines and len(lines) > 100
+    client.resize(session, 60, 15)
+    small = client.screen(session)
+    assert (small.cols, small.rows) == (60, 15) and len(small.text.split("\n")) == 15
+
+
+def test_windows(client: HostClient, session: uuid.UUID) -> None:
+    windows = client.list_windows(session)
+    assert windows == [{"index": 0, "id": windows[0]["id"], "active": True, "panes": 1}]
+    created = client.create_window(session)
+    assert created["index"] == 1 and created["id"].startswith("@") and created["panes"] == 1
+    assert [w["index"] for w in client.list_windows(session)] == [0, 1]
+    # input/screen still target the session's primary pane
+    client.send_input(session, data=b"echo primary-pane\n")
+    wait_screen(client, session, "primary-pane\n")
+
+
+def test_exec(client: HostClient, session: uuid.UUID) -> None:
+    r = client.exec(session, "echo out; echo err >&2; (exit 3)", 10)
+    assert (r.exit_code, r.timed_out, r.truncated) == (3, False, False)
+    assert r.output == "out\nerr\n" and r.duration_ms > 0
+    assert client.exec(session, "false", 10).exit_code == 1
+    # state is the session's own shell: cd and variables persist between execs
+    client.exec(session, "cd /tmp && export TMUXI_T=42", 10)
+    r = client.exec(session, 'pwd; echo "$TMUXI_T $TMUXI_SESSION_ID"', 10)
+    assert r.output == f"/tmp\n42 {session}\n"
+    multi = client.exec(session, "for i in 1 2 3; do\n  echo line$i\ndone", 10)
+    assert multi.output == "line1\nline2\nline3\n" and multi.exit_code == 0
+
+
+def test_exec_output_truncated(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
+    limit = host[1].exec_max_output_bytes
+    r = client.exec(session, f"head -c {limit + 100} /dev/zero | tr '\\0' a", 20)
+    assert r.truncated and len(r.output) == limit and r.exit_code == 0
+
+
+def test_exec_timeout_then_usable(client: HostClient, session: uuid.UUID) -> None:
+    t = time.monotonic()
+    r = client.exec(session, "echo started; sleep 1000", 0.5)
+    assert r.timed_out and r.exit_code is None and r.output == "started\n"
+    assert time.monotonic() - t < 5
+    after = client.exec(session, "echo ok", 10)
+    assert after.exit_code == 0 and after.output == "ok\n" and not after.timed_out
+
+
+def test_busy_pane_is_409(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
+    settings = host[1]
+    info = shard_of(client, session)
+    client.send_input(session, data=b"sleep 30\n")
+    wait_for(lambda: tmux(settings, info["shard"], "display", "-p", "-t", info["pane_id"],
+                          "#{pane_current_command}").strip() == "sleep", what="sleep running")
+    with pytest.raises(errors.SessionBusy):
+        client.exec(session, "echo hi", 5)
+    client.send_input(session, keys=["C-c"])
+    wait_for(lambda: client.exec(session, "echo back", 5).output == "back\n", what="exec after C-c")
+
+
+def test_secret_required(host: tuple[HostClient, Settings]) -> None:
+    client, settings = host
+    url = client.base_url
+    with httpx.Client(base_url=url) as http:
+        assert http.get("/v1/sessions").status_code == 401
+        wrong = http.get("/v1/sessions", headers={"X-Tmuxi-Host-Secret": "nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+        assert http.post(f"/v1/sessions/{uuid.uuid4()}/exec", json={"command": "id"}).status_code == 401
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/health").status_code == 200
+    with pytest.raises(errors.Unauthorized):
+        HostClient(url, secret="wrong", settings=settings).list_sessions()
+
+
+def test_metrics(client: HostClient, session: uuid.UUID) -> None:
+    client.screen(session)
+    with httpx.Client(base_url=client.base_url, headers={"X-Tmuxi-Host-Secret": SECRET}) as http:
+        text = http.get("/metrics").text
+    assert 'tmux_active_sessions{host="test-host"}' in text
+    assert 'route="/v1/sessions/{sid}/screen"' in text
+    assert str(session) not in text
+
+
+def test_host_unreachable_maps_to_host_unavailable(host: tuple[HostClient, Settings]) -> None:
+    dead = HostClient(f"http://127.0.0.1:{free_port()}", secret=SECRET, settings=host[1])
+    with pytest.raises(errors.HostUnavailable):
+        dead.list_sessions()
+
+
+def test_control_client_death_is_repaired(client: HostClient, session: uuid.UUID,
+                                          host: tuple[HostClient, Settings]) -> None:
+    settings = host[1]
+    info = shard_of(client, session)
+    sock = str(settings.resolved_socket_dir / settings.host_id / f"s{info['shard']}")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if sock.encode() in argv and b"-C" in argv and ppid == os.getpid():
+                    pids.append(int(proc.name))  # our control client (the host runs in this process)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    # the supervisor (or the next call) reconnects; the session and its shell are untouched
+    wait_for(lambda: client.exec(session, "echo healed", 5).output == "healed\n", what="exec after reconnect")
+    assert client.health()["status"] == "ok"
+    assert str(session) in {s["session_id"] for s in client.list_sessions()}

@@ -1,0 +1,130 @@
+"""Sessions outlive the host process: SIGKILL the host's whole process group, start it again, and the
+sessions are adopted with their screen and shell state intact."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tmux_host.testing import SECRET, free_port, kill_tmux_servers, wait_for
+from tmuxi import errors
+from tmuxi.host_client import HostClient, close_all
+from tmuxi.settings import Settings, env_name
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_host(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tmux_host", "--no-registry"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, which we SIGKILL as a whole below
+    )
+
+
+def test_sessions_survive_host_sigkill() -> None:
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tr"))
+    port = free_port()
+    values = {"socket_dir": str(d / "s"), "host_secret": SECRET, "host_port": str(port), "host_shards": "2",
+              "host_id": "restart-host", "heartbeat_interval_s": "60", "log_level": "WARNING"}
+    env = {**os.environ, **{env_name(k): v for k, v in values.items()},
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "layers"), str(ROOT)])}
+    settings = Settings(**values)  # type: ignore[arg-type]
+    client = HostClient(f"http://127.0.0.1:{port}", secret=SECRET, settings=settings)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(start_host(env))
+        wait_for(lambda: client.health()["status"] == "ok", timeout=20, what="host up")
+        sid = uuid.uuid4()
+        client.create_session(sid, "bob", 80, 24)
+        client.exec(sid, "cd /tmp && export KEEP=kept-value", 10)
+        # the host's environment (its secret!) never reaches a user's shell: tmux gets a scrubbed env
+        env_out = client.exec(sid, "env", 10).output
+        assert SECRET not in env_out and "TMUXI_HOST" not in env_out and f"TMUXI_SESSION_ID={sid}" in env_out
+        client.send_input(sid, data=b"echo SCREEN-MARKER\n")
+        wait_for(lambda: "SCREEN-MARKER\n" in client.screen(sid).text, what="marker")
+
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(10)
+        with pytest.raises(errors.HostUnavailable):
+            client.list_sessions()
+        close_all()  # drop the dead keep-alive connection
+
+        procs.append(start_host(env))
+        wait_for(lambda: client.health()["sessions"] == 1, timeout=20, what="host adopted the session")
+        listed = client.list_sessions()
+        assert [s["session_id"] for s in listed] == [str(sid)]
+        assert "SCREEN-MARKER" in client.screen(sid).text
+        r = client.exec(sid, 'echo "$(pwd) $KEEP"', 10)
+        assert r.exit_code == 0 and r.output == "/tmp kept-value\n"
+        # the adopted session is fully manageable
+        client.kill_session(sid)
+        assert client.list_sessions() == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        close_all()
+        kill_tmux_servers(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class RecordingRegistry:
+    """Stand-in for tmuxi.registry (same two functions): records heartbeats, names orphans."""
+
+    def __init__(self, orphans: set[uuid.UUID]) -> None:
+        self.orphans = orphans
+        self.reconciled: list[tuple[str, set[uuid.UUID]]] = []
+        self.heartbeats: list[object] = []
+
+    def reconcile_host(self, host_id: str, present: set[uuid.UUID]) -> set[uuid.UUID]:
+        self.reconciled.append((host_id, set(present)))
+        return self.orphans
+
+    def heartbeat(self, info: object) -> None:
+        self.heartbeats.append(info)
+
+
+def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
+    from tmux_host.testing import host_in_thread
+    from tmuxi.host_client import HostInfo
+
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tg"))
+    settings = Settings(socket_dir=d / "s", host_secret=SECRET, host_port=free_port(), host_shards=2,
+                        host_id="reg-host", heartbeat_interval_s=0.2)
+    keep, orphan = uuid.uuid4(), uuid.uuid4()
+    try:
+        with host_in_thread(settings) as url:  # registry=None: no database needed
+            client = HostClient(url, secret=SECRET, settings=settings)
+            client.create_session(keep, "u1", 80, 24)
+            client.create_session(orphan, "u2", 80, 24)
+        close_all()
+        registry = RecordingRegistry({orphan, uuid.uuid4()})
+        with host_in_thread(settings, registry=registry) as url:
+            client = HostClient(url, secret=SECRET, settings=settings)
+            assert registry.reconciled == [("reg-host", {keep, orphan})]
+            assert [s["session_id"] for s in client.list_sessions()] == [str(keep)]
+            wait_for(lambda: registry.heartbeats, timeout=5, what="heartbeat")
+            info = registry.heartbeats[-1]
+            assert isinstance(info, HostInfo)
+            assert (info.host_id, info.active_sessions, info.capacity) == ("reg-host", 1, settings.host_capacity)
+            assert info.url == settings.advertised_host_url
+            assert isinstance(info.started_at, float) and 0 < time.time() - info.started_at < 60
+    finally:
+        close_all()
+        kill_tmux_servers(d)
+        shutil.rmtree(d, ignore_errors=True)

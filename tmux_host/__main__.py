@@ -1,0 +1,39 @@
+"""``python -m tmux_host``: serve the tmux host API with uvicorn (configuration from TMUXI_* settings)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+import uvicorn
+
+from tmux_host.app import create_app
+from tmuxi.observability import logger
+from tmuxi.settings import get_settings
+
+
+def load_registry() -> Any | None:
+    """The host registry (``tmuxi.registry``), imported lazily; None if it is not available."""
+    try:
+        return importlib.import_module("tmuxi.registry")
+    except ImportError as exc:
+        logger.warning("tmuxi.registry not available; running without heartbeat/reconcile",
+                       extra={"error": str(exc)})
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tmux_host", description=__doc__)
+    parser.add_argument("--no-registry", action="store_true",
+                        help="do not heartbeat or reconcile with the registry (no database needed)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    settings.require_host_secret()  # fail fast, before touching tmux
+    registry = None if args.no_registry else load_registry()
+    app = create_app(settings, registry=registry)
+    uvicorn.run(app, host=settings.host_bind, port=settings.host_port, log_level="warning",
+                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

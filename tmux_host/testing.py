@@ -1,0 +1,60 @@
+"""Helpers for tests and the benchmark: run a host in a thread, find free ports, kill tmux servers."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from tmux_host.app import create_app
+from tmux_host.control import tmux_binary
+from tmuxi.settings import Settings
+
+SECRET = "s3cr3t-" + "x" * 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kill_tmux_servers(socket_dir: Path | str) -> None:
+    """kill-server every tmux socket under ``socket_dir`` (recursively)."""
+    for sock in Path(socket_dir).rglob("s*"):
+        if sock.is_socket():
+            subprocess.run([tmux_binary(), "-S", str(sock), "kill-server"],  # noqa: S603
+                           capture_output=True, timeout=10, check=False)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = predicate()
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what} (last={last!r})")
+
+
+@contextlib.contextmanager
+def host_in_thread(settings: Settings, registry: object | None = None) -> Iterator[str]:
+    """Serve a host app with uvicorn on ``settings.host_port`` in a thread; yields its base URL."""
+    app = create_app(settings, registry=registry)  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.host_port,
+                                           log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name="tmux-host")
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=15, what="host start")
+        yield f"http://127.0.0.1:{settings.host_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
