@@ -22,7 +22,7 @@ from starlette.routing import Route
 from tmux_host.engine import Engine, Registry
 from tmuxi import errors
 from tmuxi.host_client import SECRET_HEADER
-from tmuxi.models import KEY_NAME
+from tmuxi.models import KEY_NAME, ExecRequest, ResizeRequest
 from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger
 from tmuxi.settings import Settings, get_settings
 
@@ -44,16 +44,6 @@ class CreateSessionBody(_Body):
 class InputBody(_Body):
     data_b64: str | None = None
     keys: list[str] | None = Field(default=None, max_length=256)
-
-
-class ResizeBody(_Body):
-    cols: int = Field(ge=10, le=1000)
-    rows: int = Field(ge=5, le=500)
-
-
-class ExecBody(_Body):
-    command: str = Field(min_length=1)
-    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class WindowBody(_Body):
@@ -174,7 +164,7 @@ def create_app(
 
     async def resize(request: Request) -> Response:
         session_id = sid(request)
-        body = await read_json(request, ResizeBody)
+        body = await read_json(request, ResizeRequest)
         await engine.resize(session_id, body.cols, body.rows)
         return Response(status_code=204)
 
@@ -188,7 +178,7 @@ def create_app(
 
     async def exec_(request: Request) -> Response:
         session_id = sid(request)
-        body = await read_json(request, ExecBody)
+        body = await read_json(request, ExecRequest)
         result = await engine.exec(session_id, body.command, body.timeout_s)
         return JSONResponse(result.model_dump())
 
