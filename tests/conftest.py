@@ -17,7 +17,11 @@ import pytest
 from local.services import EmbeddedPostgres, RedisServer, free_port
 from local.stack import LocalStack
 
+# Every tmux host the tests start (in-process or as a child) gives sessions this shell.
+os.environ.setdefault("TMUXI_SHELL", str(Path(__file__).parent / "bin" / "bash-norc"))
+
 TEST_ENV = {
+    "TMUXI_SHELL": os.environ["TMUXI_SHELL"],
     "TMUXI_ENVIRONMENT": "test",
     "TMUXI_HEARTBEAT_INTERVAL_S": "0.5",
     "TMUXI_HOST_DEAD_AFTER_S": "3",

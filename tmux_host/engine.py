@@ -110,6 +110,17 @@ def default_terminal() -> str:
     return "screen-256color"
 
 
+def shell_in_foreground(pid: int) -> bool:
+    """True when process ``pid`` leads the foreground process group of its terminal (``tpgid`` in
+    /proc/PID/stat), i.e. an interactive shell with no job in the foreground."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty_nr tpgid
+    return int(fields[2]) == pid and int(fields[5]) == pid
+
+
 def _unq(value: str) -> str:
     """Undo tmux's ``#{q:...}`` backslash escaping."""
     return re.sub(r"\\(.)", r"\1", value)
@@ -128,7 +139,6 @@ class Engine:
         self.host_dir = self.base_dir / self.host_id
         self.work_dir = self.host_dir / "x"  # exec scripts/outputs and screen captures
         self.shell = settings.shell
-        self.shell_name = os.path.basename(settings.shell)
         self.started_at = time.time()
         self.shards: list[Shard] = []
         self._sessions: dict[UUID, SessionRec] = {}
@@ -595,10 +605,16 @@ class Engine:
 
     # --- exec --------------------------------------------------------------------------------------
     async def _foreground_is_shell(self, rec: SessionRec) -> bool:
-        (lines,) = await self._run(
-            rec, lambda r: [f"display-message -p -t {quote(r.pane_id)} 'C#{{q:pane_current_command}}'"]
-        )
-        return len(lines) == 1 and lines[0].startswith("C") and _unq(lines[0][1:]) == self.shell_name
+        """Is the pane's shell at its prompt, i.e. is the terminal's foreground process group the shell's own?
+        Read from /proc (the panes run on this machine), so it holds whatever the shell binary is called."""
+        pid = rec.pid
+        if pid is None:
+            (lines,) = await self._run(rec, lambda r: [f"display-message -p -t {quote(r.pane_id)} 'P#{{pane_pid}}'"])
+            found = next((ln[1:] for ln in lines if ln.startswith("P") and ln[1:].isdigit()), None)
+            if found is None:
+                return False
+            pid = rec.pid = int(found)
+        return shell_in_foreground(pid)
 
     async def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
         rec = self._get(session_id)
