@@ -63,6 +63,8 @@ def decode_token(token: str) -> dict[str, Any]:
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("token expired", reason="expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise Unauthorized("token not yet valid", reason="not_yet_valid") from exc
     except jwt.InvalidAudienceError as exc:
         raise Unauthorized("wrong audience", reason="audience") from exc
     except jwt.InvalidIssuerError as exc:

@@ -30,6 +30,10 @@ class Unauthorized(AppError):
     status = 401
     code = "unauthorized"
 
+    def to_body(self) -> dict[str, Any]:
+        # the precise reason (signature, audience, ...) is for logs and metrics, not for the caller
+        return {"error": {"code": self.code, "message": self.message}}
+
 
 class Forbidden(AppError):
     status = 403

@@ -411,3 +411,4 @@ def test_rate_limited_is_429(stack: Any) -> None:
     r = invoke("validate", ctx, token)
     assert statuses[-1] == 429 and r.status == 429, r
     assert r.body["error"]["code"] == "rate_limited"
+    assert 1 <= int(r.headers["retry-after"]) <= 60  # when the window resets

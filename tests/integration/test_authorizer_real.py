@@ -185,7 +185,7 @@ def test_the_sample_events_placeholder_token_is_refused(stack: Any, caplog: pyte
         (lambda u: _forge(_claims(u), typ=None), "typ"),
         (lambda u: _forge(_claims(u, jti=None)), "malformed"),
         (lambda u: _forge(_claims(u, aud=None)), "malformed"),
-        (lambda u: _forge(_claims(u, nbf=int(time.time()) + 3600)), "malformed"),
+        (lambda u: _forge(_claims(u, nbf=int(time.time()) + 3600)), "not_yet_valid"),
         (lambda u: _forge(_claims(u, role="root")), "claims"),
         (lambda u: _forge(_claims(u, sub="not-a-uuid")), "sub"),
     ],

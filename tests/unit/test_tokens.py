@@ -108,3 +108,8 @@ def test_password_hash_verifies_only_the_right_password() -> None:
     assert not auth.verify_password("wrong horse", h)
     assert not auth.verify_password("correct horse", None)
     assert h != auth.hash_password("correct horse")  # salted
+
+
+def test_not_yet_valid_refused() -> None:
+    future = int(time.time()) + 600
+    assert _reason(_sign(_claims(nbf=future, iat=future, exp=future + 600))) == "not_yet_valid"

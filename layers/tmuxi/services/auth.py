@@ -71,7 +71,8 @@ def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | Non
         count, known, adm = cache.local_rate_count(key), None, None
     limit = get_settings().rate_limit_per_minute
     if count > limit:
-        raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit)
+        raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit,
+                          retry_after_s=round(60 - time.time() % 60, 1))
     if _revoked(p.jti, known if adm is not None else None):
         AUTH_FAILURES.labels(reason="revoked").inc()
         raise Unauthorized("token revoked", reason="revoked")
