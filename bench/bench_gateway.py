@@ -9,10 +9,6 @@ Modes:
   --url URL --token JWT --session ID   measure an already running gateway (e.g. ``make run``)
   --stack                              self-contained: start a LocalStack (embedded PostgreSQL, Redis, one tmux
                                        host, the gateway), create a user and a session, measure, stop
-  --stub                               self-contained, no database: the gateway runs the real authorizer (real
-                                       JWT verification) and the real API Lambda, with the revocation lookup
-                                       and the session store replaced by in-memory fakes -- measures the
-                                       edge's own overhead
 
 Targets: ratio (gateway RPS / bare RPS) >= 0.5 and gateway p95 <= 15 ms (``--check`` exits 1 if missed).
 """
@@ -67,50 +63,10 @@ def _serve(app: Any, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, **opts)
 
 
-def _install_stub_services() -> None:
-    """Real authorizer + real JWT verification + real API; revocation and session store in memory."""
-    from datetime import UTC, datetime
-    from uuid import UUID
-
-    from tmuxi import auth
-    from tmuxi.errors import NotFound, Unauthorized
-    from tmuxi.models import Principal, Session
-    from tmuxi.services import auth as auth_service
-    from tmuxi.services import sessions as sessions_service
-
-    now = datetime.now(UTC)
-    revoked: set[str] = set()
-
-    def authorize(token: str) -> Principal:
-        claims = auth.decode_token(token)
-        if claims["jti"] in revoked:
-            raise Unauthorized("token revoked", reason="revoked")
-        return Principal(user_id=UUID(claims["sub"]), username=claims["name"], role=claims["role"],
-                         jti=claims["jti"], exp=int(claims["exp"]))
-
-    def get_session(p: Principal, session_id: UUID) -> Session:
-        if str(session_id) != SESSION_ID:
-            raise NotFound(f"session {session_id} not found")
-        return Session(id=session_id, name="bench", owner_id=p.user_id, state="active", host_id="host-1",
-                       cols=120, rows=40, created_at=now, last_active_at=now)
-
-    auth_service.authorize = authorize  # type: ignore[assignment]
-    sessions_service.get_session = get_session  # type: ignore[assignment]
-    sessions_service.check_rate_limit = lambda p: None  # type: ignore[assignment]
-
-
 def _child_main(kind: str, port: int) -> None:
     sys.path[:0] = [str(ROOT / "layers"), str(ROOT)]
     if kind == "bare":
         _serve(_bare_app(), port)
-    elif kind == "stub-gateway":
-        _install_stub_services()
-        from local.gateway import create_gateway_app
-
-        kw = json.loads(os.environ.get("BENCH_GATEWAY_KWARGS") or "{}")
-        if os.environ.get("BENCH_SWITCH_INTERVAL"):
-            sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
-        _serve(create_gateway_app(**kw), port)
     elif kind == "null-gateway":  # the gateway's own overhead: trivial Lambda handlers
         from local.gateway import create_gateway_app
 
@@ -329,32 +285,6 @@ def report(results: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def stub_gateway() -> Iterator[tuple[str, str, str]]:
-    """A gateway with stubbed storage (see --stub); yields (url, token, session_id)."""
-    import secrets
-    import uuid
-
-    secret = secrets.token_urlsafe(48)
-    env = {"TMUXI_JWT_SECRET": secret, "TMUXI_ENVIRONMENT": "test"}
-    with _child_server("stub-gateway", env) as url:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            from tmuxi import auth
-            from tmuxi.settings import get_settings
-
-            get_settings.cache_clear()
-            token, _ = auth.issue_token(uuid.uuid4(), "bench", "user")
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        yield url, token, SESSION_ID
-
-
-@contextlib.contextmanager
 def stack_gateway() -> Iterator[tuple[str, str, str]]:
     """A full LocalStack (one tmux host); yields (url, token, session_id) of a fresh user's session."""
     import httpx
@@ -389,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token", help="a valid access token (JWT)")
     ap.add_argument("--session", help="a session id the token's user owns")
     ap.add_argument("--stack", action="store_true", help="self-contained: start a LocalStack")
-    ap.add_argument("--stub", action="store_true", help="self-contained, no database (edge overhead only)")
     ap.add_argument("--null", action="store_true",
                     help="the gateway alone, with trivial Lambda handlers (its own overhead)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
@@ -425,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         with _child_server("null-gateway") as url:
             results = measure(url, "a.b.c", SESSION_ID, **kw)
         results["mode"] = "null"
-    elif args.stub or args.stack:
-        with (stub_gateway() if args.stub else stack_gateway()) as (url, token, sid):
+    elif args.stack:
+        with stack_gateway() as (url, token, sid):
             results = measure(url, token, sid, **kw)
-        results["mode"] = "stub" if args.stub else "stack"
+        results["mode"] = "stack"
     else:
-        ap.error("give --url/--token/--session, --stack or --stub")
+        ap.error("give --url/--token/--session, --stack or --null")
     print(report(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
