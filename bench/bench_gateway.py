@@ -55,18 +55,24 @@ def _bare_app() -> Any:
     return app
 
 
-def _serve(app: Any, port: int) -> None:
+def _serve(app: Any, port: int, workers: int = 1) -> None:
+    """Serve an app object (one process) or, with ``workers`` > 1, an app factory given as an import string."""
     import uvicorn
 
     opts = dict(UVICORN_OPTS)
     opts.pop("workers")
-    uvicorn.run(app, host="127.0.0.1", port=port, **opts)
+    if workers > 1:
+        uvicorn.run(app, host="127.0.0.1", port=port, factory=True, workers=workers, **opts)
+    else:
+        uvicorn.run(app, host="127.0.0.1", port=port, **opts)
 
 
 def _child_main(kind: str, port: int) -> None:
     sys.path[:0] = [str(ROOT / "layers"), str(ROOT)]
     if kind == "bare":
         _serve(_bare_app(), port)
+    elif kind.startswith("bare-workers-"):  # the same bare endpoint, as many processes as the gateway has
+        _serve("bench.bench_gateway:_bare_app", port, workers=int(kind.rsplit("-", 1)[1]))
     elif kind == "null-gateway":  # the gateway's own overhead: trivial Lambda handlers
         from local.gateway import create_gateway_app
 
@@ -236,7 +242,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def measure(gateway_url: str, token: str, session_id: str, *, duration_s: float = 10.0,
-            connections: int = 32, warmup_s: float = 2.0, tool: str | None = None) -> dict[str, Any]:
+            connections: int = 32, warmup_s: float = 2.0, tool: str | None = None,
+            gateway_workers: int = 1) -> dict[str, Any]:
     """Measure the gateway at ``gateway_url`` and a bare FastAPI endpoint (started here) back to back."""
     import httpx
 
@@ -256,6 +263,15 @@ def measure(gateway_url: str, token: str, session_id: str, *, duration_s: float 
         if warmup_s:
             load(bare, None, warmup_s, connections, tool)
         results["bare"] = load(bare, None, duration_s, connections, tool)
+    if gateway_workers > 1:  # the stricter baseline: bare FastAPI with as many processes as the gateway
+        with _child_server(f"bare-workers-{gateway_workers}") as bare_url:
+            bare = f"{bare_url}/sessions/{session_id}"
+            if warmup_s:
+                load(bare, None, warmup_s, connections, tool)
+            results[f"bare_x{gateway_workers}"] = load(bare, None, duration_s, connections, tool)
+            b2 = results[f"bare_x{gateway_workers}"]
+            results["ratio_same_workers"] = round(results["gateway"]["rps"] / b2["rps"], 3) if b2["rps"] else 0.0
+    results["gateway_workers"] = gateway_workers
     g, b = results["gateway"], results["bare"]
     results["ratio"] = round(g["rps"] / b["rps"], 3) if b["rps"] else 0.0
     results["targets"] = {"ratio_min": TARGET_RATIO, "gateway_p95_max_ms": TARGET_P95_MS,
@@ -270,10 +286,11 @@ def report(results: dict[str, Any]) -> str:
         f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown'}), Python {m['python']}, "
         f"load before {', '.join(f'{x:.2f}' for x in m['loadavg_before'])}",
         f"load: {results['tool']}, {results['connections']} connections, {results['duration_s']:.0f} s each; "
-        f"uvicorn httptools+uvloop, 1 worker",
+        f"uvicorn httptools+uvloop; gateway {results['gateway_workers']} worker process(es), bare 1"
+        + (f" and {results['gateway_workers']}" if "ratio_same_workers" in results else ""),
         f"{'':10} {'RPS':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}",
     ]
-    for name in ("gateway", "bare"):
+    for name in ("gateway", "bare", *(k for k in results if k.startswith("bare_x"))):
         r = results[name]
         lines.append(f"{name:10} {r['rps']:>10.1f} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                      f"{r['errors']:>7}")
@@ -281,6 +298,9 @@ def report(results: dict[str, Any]) -> str:
     lines.append(f"ratio gateway/bare = {results['ratio']:.3f} (target >= {t['ratio_min']}); gateway p95 "
                  f"{results['gateway']['p95_ms']:.2f} ms (target <= {t['gateway_p95_max_ms']} ms) -> "
                  f"{'MET' if t['met'] else 'MISSED'}")
+    if "ratio_same_workers" in results:
+        lines.append(f"ratio gateway/bare with the same number of worker processes = "
+                     f"{results['ratio_same_workers']:.3f}")
     return "\n".join(lines)
 
 
@@ -295,8 +315,7 @@ def stack_gateway() -> Iterator[tuple[str, str, str]]:
     base = Path(tempfile.mkdtemp(prefix="tmuxi-bench-", dir="/tmp"))
     sockets = Path(tempfile.mkdtemp(prefix="tb", dir="/tmp"))
     stack = LocalStack(data_dir=base / "data", hosts=1, socket_dir=sockets, gateway_port=free_port(),
-                       environment="test", extra_env={"TMUXI_LOG_LEVEL": "WARNING",
-                                                      "TMUXI_RATE_LIMIT_PER_MINUTE": "100000000"})
+                       environment="test", extra_env={"TMUXI_RATE_LIMIT_PER_MINUTE": "100000000"})
     try:
         stack.start()
         stack.ensure_user("bench", "bench-password-1", "user")
@@ -324,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each (default 2)")
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--gateway-workers", type=int, default=1,
+                    help="with --url: the gateway's worker processes (bare FastAPI is also measured with as many)")
     ap.add_argument("--tool", choices=["wrk", "httpx"], default=None, help="default: wrk if installed")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -348,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         if not (args.token and args.session):
             ap.error("--url needs --token and --session")
-        results = measure(args.url, args.token, args.session, **kw)
+        results = measure(args.url, args.token, args.session, gateway_workers=args.gateway_workers, **kw)
         results["mode"] = "external"
     elif args.null:
         with _child_server("null-gateway") as url:
@@ -356,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         results["mode"] = "null"
     elif args.stack:
         with stack_gateway() as (url, token, sid):
-            results = measure(url, token, sid, **kw)
+            from tmuxi.settings import Settings
+
+            results = measure(url, token, sid, gateway_workers=Settings().resolved_gateway_workers, **kw)
         results["mode"] = "stack"
     else:
         ap.error("give --url/--token/--session, --stack or --null")

@@ -142,10 +142,15 @@ class LocalStack:
         self.gateway_proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "local.gateway:create_gateway_app", "--factory",
              "--host", "127.0.0.1", "--port", str(self.gateway_port), "--loop", "uvloop", "--http", "httptools",
-             "--no-access-log", "--log-level", "warning"],
+             "--no-access-log", "--log-level", "warning", "--workers", str(self._gateway_workers())],
             env=self._child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         wait_for_port("127.0.0.1", self.gateway_port, timeout_s=30)
+
+    def _gateway_workers(self) -> int:
+        from tmuxi.settings import Settings
+
+        return Settings().resolved_gateway_workers  # this process's environment now holds the stack's
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Until every host has heartbeated and the gateway's /health says ok."""

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # --- Local gateway
     gateway_bind: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=0, le=65535)
+    # Worker processes of the local gateway, like concurrent Lambda execution environments (0: one per core).
+    gateway_workers: int = Field(0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
@@ -100,6 +102,10 @@ class Settings(BaseSettings):
     @property
     def advertised_host_url(self) -> str:
         return self.host_url or f"http://{self.host_bind}:{self.host_port}"
+
+    @property
+    def resolved_gateway_workers(self) -> int:
+        return self.gateway_workers or os.cpu_count() or 1
 
     @property
     def resolved_socket_dir(self) -> Path:
