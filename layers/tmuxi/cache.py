@@ -100,22 +100,6 @@ def available() -> bool:
 
 
 # --- session cache ---------------------------------------------------------------------------------
-def get_session(session_id: str) -> tuple[dict[str, Any] | None, int] | _Down:
-    """(entry or None, current generation). The generation is passed back to ``put_session``."""
-    res = _gate.call(lambda r: r.mget(f"session:{session_id}", _GEN))
-    if isinstance(res, _Down):
-        return DOWN
-    raw, gen_raw = res
-    gen = int(gen_raw or 0)
-    if raw is None:
-        return None, gen
-    entry = json.loads(raw)
-    if entry.get("_g") != gen:
-        return None, gen
-    entry.pop("_g", None)
-    return entry, gen
-
-
 def put_session(session_id: str, data: dict[str, Any], gen: int) -> None:
     payload = json.dumps({**data, "_g": gen}, default=str)
     _gate.call(lambda r: r.set(f"session:{session_id}", payload, ex=get_settings().cache_ttl_s))
@@ -207,23 +191,6 @@ def admit(caller_key: str, jti: str, session_id: str | None, window_s: int = 60)
 # --- rate limits -----------------------------------------------------------------------------------
 _local_windows: dict[tuple[str, int], int] = {}
 _local_lock = threading.Lock()
-
-
-def rate_limit_hit(key: str, limit: int, window_s: int = 60) -> bool:
-    """Count one request for ``key`` in the current fixed window; True if it is over ``limit``. With Redis
-    down the count is kept per process (a per-instance limit rather than none)."""
-    rkey = f"rl:{key}:{int(time.time()) // window_s}"
-
-    def _hit(r: redis.Redis) -> int:
-        pipe = r.pipeline(transaction=False)
-        pipe.incr(rkey)
-        pipe.expire(rkey, window_s + 1, nx=True)
-        return int(pipe.execute()[0])
-
-    count = _gate.call(_hit)
-    if isinstance(count, _Down):
-        count = local_rate_count(key, window_s)
-    return count > limit
 
 
 def local_rate_count(key: str, window_s: int = 60) -> int:

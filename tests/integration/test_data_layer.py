@@ -123,16 +123,17 @@ def _wait_redis_up() -> None:
 
 def test_cache_generation_drops_entries_a_missed_invalidation_left_stale(deps: Deps) -> None:
     sid = str(uuid.uuid4())
-    hit = cache.get_session(sid)
-    assert isinstance(hit, tuple)
-    cache.put_session(sid, {"state": "active"}, hit[1])
-    assert cache.get_session(sid) == ({"state": "active"}, hit[1])
+    first = cache.admit("user:gen-test", "jti-gen", sid)
+    assert isinstance(first, cache.Admission) and first.session is None
+    cache.put_session(sid, {"state": "active"}, first.gen)
+    cached = cache.admit("user:gen-test", "jti-gen", sid)
+    assert isinstance(cached, cache.Admission) and cached.session == {"state": "active"}
     # Redis stops answering this process while the session is deleted: the invalidation is missed.
     _redis(deps).execute_command("CLIENT", "PAUSE", "600", "ALL")
     cache.invalidate_session(sid)
     time.sleep(0.7)  # pause over, retry window over
-    got = cache.get_session(sid)
-    assert isinstance(got, tuple) and got[0] is None, "stale entry served after a missed invalidation"
+    got = cache.admit("user:gen-test", "jti-gen", sid)
+    assert isinstance(got, cache.Admission) and got.session is None, "stale entry served after a missed invalidation"
 
 
 def _principal(uid: uuid.UUID) -> tuple[str, Principal]:
@@ -164,14 +165,16 @@ def test_revocation_holds_while_redis_is_down_and_after_it_restarts(deps: Deps) 
 
 def test_rate_limit_counts_in_redis_and_falls_back_per_process(deps: Deps) -> None:
     key = f"user:{uuid.uuid4()}"
-    assert not any(cache.rate_limit_hit(key, 5) for _ in range(5))
-    assert cache.rate_limit_hit(key, 5)
-    assert int(_redis(deps).get(f"rl:{key}:{int(time.time()) // 60}") or 0) >= 6
+    counts = [a.count for a in (cache.admit(key, "j", None) for _ in range(3)) if isinstance(a, cache.Admission)]
+    assert counts == [1, 2, 3]
+    assert int(_redis(deps).get(f"rl:{key}:{int(time.time()) // 60}") or 0) == 3
+    _, p = _principal(_user())
     deps.redis.stop()
     try:
-        key2 = f"user:{uuid.uuid4()}"
-        hits: list[Any] = [cache.rate_limit_hit(key2, 3) for _ in range(4)]
-        assert hits == [False, False, False, True]
+        assert cache.admit(key, "j", None) is cache.DOWN
+        local = [cache.local_rate_count(f"user:{p.user_id}") for _ in range(3)]
+        assert local == [1, 2, 3]
+        assert auth_service.admit(p) is None  # still admitted (count 4 of 1200), answered without Redis
     finally:
         deps.redis.start()
     _wait_redis_up()
