@@ -110,15 +110,18 @@ def default_terminal() -> str:
     return "screen-256color"
 
 
-def shell_in_foreground(pid: int) -> bool:
-    """True when process ``pid`` leads the foreground process group of its terminal (``tpgid`` in
-    /proc/PID/stat), i.e. an interactive shell with no job in the foreground."""
+def shell_state(pid: int) -> str:
+    """``prompt``: process ``pid`` leads the foreground process group of its terminal (``tpgid`` in
+    /proc/PID/stat), an interactive shell with no job in the foreground. ``starting``: it has no controlling
+    terminal yet (just forked). ``busy``: anything else (a job runs in the foreground, or the process is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return False
+        return "busy"
     fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty_nr tpgid
-    return int(fields[2]) == pid and int(fields[5]) == pid
+    if int(fields[4]) == 0 or int(fields[5]) <= 0:
+        return "starting"
+    return "prompt" if int(fields[2]) == pid and int(fields[5]) == pid else "busy"
 
 
 def _unq(value: str) -> str:
@@ -604,7 +607,16 @@ class Engine:
         await self._run(rec, make)
 
     # --- exec --------------------------------------------------------------------------------------
-    async def _foreground_is_shell(self, rec: SessionRec) -> bool:
+    async def _shell_ready(self, rec: SessionRec, deadline: float) -> bool:
+        """The shell is at its prompt. A session created a moment ago whose shell has not taken its terminal
+        yet is waited for (within the exec's own timeout); a session running a program is not."""
+        state = await self._shell_state(rec)
+        while state == "starting" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            state = await self._shell_state(rec)
+        return state == "prompt"
+
+    async def _shell_state(self, rec: SessionRec) -> str:
         """Is the pane's shell at its prompt, i.e. is the terminal's foreground process group the shell's own?
         Read from /proc (the panes run on this machine), so it holds whatever the shell binary is called."""
         pid = rec.pid
@@ -612,9 +624,9 @@ class Engine:
             (lines,) = await self._run(rec, lambda r: [f"display-message -p -t {quote(r.pane_id)} 'P#{{pane_pid}}'"])
             found = next((ln[1:] for ln in lines if ln.startswith("P") and ln[1:].isdigit()), None)
             if found is None:
-                return False
+                return "busy"
             pid = rec.pid = int(found)
-        return shell_in_foreground(pid)
+        return shell_state(pid)
 
     async def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
         rec = self._get(session_id)
@@ -630,7 +642,7 @@ class Engine:
         except TimeoutError:
             raise errors.SessionBusy("another exec is still running in this session") from None
         try:
-            if not await self._foreground_is_shell(rec):
+            if not await self._shell_ready(rec, deadline=waited + timeout):
                 raise errors.SessionBusy("the session's shell is not at a prompt (a program is running)")
             remaining = max(0.01, timeout - (time.monotonic() - waited))
             return await self._exec_locked(rec, encoded, remaining)
@@ -701,7 +713,7 @@ class Engine:
         delay = 0.005
         while time.monotonic() < deadline:
             with contextlib.suppress(errors.AppError):
-                if await self._foreground_is_shell(rec):
+                if await self._shell_state(rec) == "prompt":
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
