@@ -31,8 +31,8 @@ def sock_dir():
 
 
 async def _client(sock_dir: Path, notes: list[tuple[str, str]] | None = None) -> ControlClient:
-    ctl = ControlClient(sock_dir / "s0", on_notification=(lambda n, a: notes.append((n, a))) if notes is not None
-                        else None)
+    ctl = ControlClient(sock_dir / "s0", shell=Settings().shell,  # the tests' rc-free shell (conftest)
+                        on_notification=(lambda n, a: notes.append((n, a))) if notes is not None else None)
     await ctl.start()
     return ctl
 
