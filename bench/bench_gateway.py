@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -88,24 +87,11 @@ def _child_main(kind: str, port: int) -> None:
         raise SystemExit(f"unknown child kind {kind}")
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
-
-
 @contextlib.contextmanager
 def _child_server(kind: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    port = _free_port()
+    from local.services import free_port, wait_for_port
+
+    port = free_port()
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "layers"), str(ROOT)])
@@ -113,7 +99,7 @@ def _child_server(kind: str, env: dict[str, str] | None = None) -> Iterator[str]
     proc = subprocess.Popen([sys.executable, __file__, "--_child", kind, "--_port", str(port)], env=child_env,
                             cwd=ROOT, stdout=log)
     try:
-        _wait_port(port)
+        wait_for_port("127.0.0.1", port, timeout_s=30)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGINT)

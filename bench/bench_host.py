@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,21 +31,10 @@ for p in (ROOT / "layers", ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from tmux_host.control import tmux_binary  # noqa: E402
+from bench.common import summary_ms  # noqa: E402
+from tmux_host.control import kill_tmux_servers, tmux_binary  # noqa: E402
 from tmux_host.engine import Engine  # noqa: E402
-from tmux_host.testing import kill_tmux_servers  # noqa: E402
 from tmuxi.settings import Settings  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
-
-
-def summary_ms(samples: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in samples]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 4), "p95_ms": round(pct(ms, 95), 4),
-            "p99_ms": round(pct(ms, 99), 4), "mean_ms": round(statistics.fmean(ms), 4)}
 
 
 def smaps(pid: int) -> dict[str, int]:

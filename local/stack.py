@@ -202,10 +202,7 @@ class LocalStack:
 
 def kill_tmux_servers(socket_dir: Path | None) -> None:
     """Kill the tmux servers the hosts started (their sessions end with them)."""
+    from tmux_host.control import kill_tmux_servers as kill
     from tmuxi.settings import Settings
 
-    base = socket_dir or Settings(socket_dir=None).resolved_socket_dir
-    if not base.exists():
-        return
-    for sock in base.glob("*/s*"):
-        subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True, check=False, timeout=10)
+    kill(socket_dir or Settings(socket_dir=None).resolved_socket_dir)

@@ -19,6 +19,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import subprocess
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,14 @@ class Notification:
 
 def tmux_binary() -> str:
     return shutil.which("tmux") or "/usr/bin/tmux"
+
+
+def kill_tmux_servers(socket_dir: Path | str) -> None:
+    """kill-server every tmux socket under ``socket_dir`` (recursively): their sessions end with them."""
+    for sock in Path(socket_dir).rglob("s*"):
+        if sock.is_socket():
+            subprocess.run([tmux_binary(), "-S", str(sock), "kill-server"],  # noqa: S603
+                           capture_output=True, timeout=10, check=False)
 
 
 def clean_env(shell: str) -> dict[str, str]:

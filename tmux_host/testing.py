@@ -2,34 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import uvicorn
 
+from local.services import free_port  # noqa: F401 - re-exported for the tests
 from tmux_host.app import create_app
-from tmux_host.control import tmux_binary
+from tmux_host.control import kill_tmux_servers  # noqa: F401 - re-exported for the tests
 from tmuxi.settings import Settings
 
 SECRET = "s3cr3t-" + "x" * 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def kill_tmux_servers(socket_dir: Path | str) -> None:
-    """kill-server every tmux socket under ``socket_dir`` (recursively)."""
-    for sock in Path(socket_dir).rglob("s*"):
-        if sock.is_socket():
-            subprocess.run([tmux_binary(), "-S", str(sock), "kill-server"],  # noqa: S603
-                           capture_output=True, timeout=10, check=False)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]

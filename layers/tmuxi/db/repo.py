@@ -242,7 +242,3 @@ def unexpired_revocations() -> list[Row]:
             "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()"
         ).fetchall()
 
-
-def ping() -> None:
-    with connection() as conn:
-        conn.execute("SELECT 1")

@@ -28,10 +28,9 @@ def login(body: TokenRequest) -> TokenResponse:
     return TokenResponse(access_token=token, expires_in=ttl)
 
 
-def _revoked(jti: str, known: bool | None = None) -> bool:
-    """Is the token revoked? Redis answers when it can; PostgreSQL (the record) when it cannot."""
-    if known is None:
-        known = cache.is_revoked(jti)
+def _revoked(jti: str, known: bool | None) -> bool:
+    """Is the token revoked? ``known`` is Redis's answer (None: it cannot say); PostgreSQL, the record, answers
+    otherwise."""
     if known is not None:
         return known
     revoked = repo.is_token_revoked(jti)
@@ -49,7 +48,7 @@ def authorize(token: str) -> Principal:
     except Unauthorized as exc:
         AUTH_FAILURES.labels(reason=str(exc.details.get("reason", "invalid"))).inc()
         raise
-    if _revoked(claims["jti"]):
+    if _revoked(claims["jti"], cache.is_revoked(claims["jti"])):
         AUTH_FAILURES.labels(reason="revoked").inc()
         raise Unauthorized("token revoked", reason="revoked")
     return Principal(user_id=UUID(claims["sub"]), username=claims["name"], role=claims["role"],

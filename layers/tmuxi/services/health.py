@@ -11,9 +11,8 @@ from tmuxi.settings import get_settings
 def health() -> HealthResponse:
     checks: dict[str, str] = {}
     try:
-        repo.ping()
+        hosts = repo.live_hosts(get_settings().host_dead_after_s)  # answers for PostgreSQL too
         checks["postgres"] = "ok"
-        hosts = repo.live_hosts(get_settings().host_dead_after_s)
         checks["hosts"] = f"{len(hosts)} live" if hosts else "none live"
     except AppError:
         checks["postgres"] = "down"
