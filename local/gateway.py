@@ -12,9 +12,18 @@ For every HTTP request it
   5. translates the proxy result (statusCode, headers, multiValueHeaders, body, isBase64Encoded) to HTTP.
 It enforces API Gateway's 10 MB payload limit and 29 s integration timeout (504 on timeout).
 
-The Lambda handlers are synchronous (Mangum drives its own ``run_until_complete``), so they run in a thread
-pool whose threads each own an event loop -- one request per thread at a time, like one request per Lambda
-execution environment. Authorizer + integration run in ONE hop to that pool to keep per-request overhead low.
+The Lambda handlers are synchronous (Mangum drives its own ``run_until_complete``); where one runs depends on
+what the route waits on (``Route.work``):
+  - "data" routes (PostgreSQL and Redis only, well under a millisecond) run INLINE in the server's thread: the
+    running loop steps aside for the call and the handler drives a loop of its own, so one worker process
+    serves one such request at a time, exactly like one Lambda execution environment. No thread hop and no
+    GIL hand-over per request: that hop and the contention cost more than the handler itself (measured: one
+    worker process spent ~1.1 ms of CPU per request with a thread pool, see bench/bench_gateway.py).
+    Such a call cannot be pre-empted; it is bounded by its dependencies' timeouts (Redis 0.25 s, PostgreSQL
+    ``db_timeout_s``) rather than by the 29 s integration timeout.
+  - "slow" routes (a tmux host call, password hashing) run in a small thread pool, "long" routes (exec,
+    create) in a larger one, so neither holds up the rest; the integration timeout applies to both.
+Authorizer + integration run in ONE call (one hop for pool routes).
 
 WebSocket: ``LocalGateway(websocket=...)`` takes an ASGI app for ``websocket`` scopes (the API Gateway
 WebSocket API comes in a later issue); without one, WebSocket connections are refused.
@@ -366,6 +375,7 @@ class LocalGateway:
         stage_variables: dict[str, str] | None = None,
         max_workers: int = 4,
         long_running_workers: int = 32,
+        inline: bool = True,
         integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         api_timeout_s: float = 30.0,
@@ -394,6 +404,8 @@ class LocalGateway:
         self._slow_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=long_running_workers, thread_name_prefix="lambda-long", initializer=_init_worker_loop
         )
+        self.inline = inline
+        self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._cache: dict[str, _Cached] = {}
         self._resolve_lock = threading.Lock()
 
@@ -414,6 +426,9 @@ class LocalGateway:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._slow_pool.shutdown(wait=False, cancel_futures=True)
+        if self._inline_loop is not None:
+            self._inline_loop.close()
+            self._inline_loop = None
 
     # ------------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -531,13 +546,15 @@ class LocalGateway:
             else:
                 auth_event = build_authorizer_event(event, self.region)
 
-        loop = asyncio.get_running_loop()
         try:
-            outcome = await asyncio.wait_for(
-                loop.run_in_executor(self._slow_pool if route.long_running else self._pool, self._invoke,
-                                     auth_event, event),
-                self.integration_timeout_s,
-            )
+            if route.work == "data" and self.inline:
+                outcome = self._invoke_inline(auth_event, event)
+            else:
+                outcome = await asyncio.wait_for(
+                    asyncio.get_running_loop().run_in_executor(
+                        self._slow_pool if route.work == "long" else self._pool, self._invoke, auth_event, event),
+                    self.integration_timeout_s,
+                )
         except TimeoutError:
             _log().warning("integration timeout", extra={"route": route.resource, "request_id": request_id})
             await self._gateway_response(send, "INTEGRATION_TIMEOUT", request_id)
@@ -554,7 +571,25 @@ class LocalGateway:
         out_headers.append((b"x-amzn-requestid", request_id.encode()))
         await self._send(send, status, out_headers, out_body)
 
-    # runs in a pool thread (its own event loop): authorizer, then the integration -------------------------
+    def _invoke_inline(
+        self, auth_event: dict[str, Any] | None, event: dict[str, Any]
+    ) -> tuple[str, Any, _Cached | None]:
+        """``_invoke`` in the server's own thread. The handler (Mangum) calls ``asyncio.get_event_loop()`` and
+        ``run_until_complete``, which refuse to run inside a running loop: the server's loop is set aside for
+        the call (nothing else runs in this thread meanwhile) and the handler gets a plain asyncio loop of its
+        own, kept for the next call. uvloop is not used for it: in the main thread it would take over the
+        signal wake-up fd of the server's loop."""
+        if self._inline_loop is None:
+            self._inline_loop = asyncio.SelectorEventLoop()
+        outer = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(None)
+        asyncio.set_event_loop(self._inline_loop)
+        try:
+            return self._invoke(auth_event, event)
+        finally:
+            asyncio.events._set_running_loop(outer)
+
+    # runs in a pool thread (its own event loop) or inline: authorizer, then the integration ---------------
     def _invoke(
         self, auth_event: dict[str, Any] | None, event: dict[str, Any]
     ) -> tuple[str, Any, _Cached | None]:
@@ -602,8 +637,9 @@ def create_gateway_app(**kwargs: Any) -> LocalGateway:
 def _uvicorn_config(app: Any, host: str, port: int, **kwargs: Any) -> Any:
     import uvicorn
 
+    # proxy_headers off: the gateway is the edge, so sourceIp is the TCP peer, never a client's X-Forwarded-For
     opts: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "lifespan": "on", "access_log": False,
-                            "log_level": "warning", "timeout_keep_alive": 30}
+                            "proxy_headers": False, "log_level": "warning", "timeout_keep_alive": 30}
     opts.update(kwargs)
     return uvicorn.Config(app, host=host, port=port, **opts)
 

@@ -142,7 +142,8 @@ class LocalStack:
         self.gateway_proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "local.gateway:create_gateway_app", "--factory",
              "--host", "127.0.0.1", "--port", str(self.gateway_port), "--loop", "uvloop", "--http", "httptools",
-             "--no-access-log", "--log-level", "warning", "--workers", str(self._gateway_workers())],
+             "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
+             "--workers", str(self._gateway_workers())],
             env=self._child_env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         wait_for_port("127.0.0.1", self.gateway_port, timeout_s=30)

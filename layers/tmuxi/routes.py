@@ -16,13 +16,28 @@ from urllib.parse import unquote
 # --- routes -----------------------------------------------------------------------------------------------
 
 
+WORK_KINDS = ("data", "slow", "long")
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     method: str  # HTTP method, upper case
     resource: str  # API Gateway resource path template, e.g. "/sessions/{id}"
     protected: bool  # True -> the REQUEST authorizer runs first
     name: str  # stable operation name (CDK construct ids, metrics, docs)
-    long_running: bool = False  # may wait seconds on a terminal (exec, create): never queued behind quick ones
+    # What the handler waits on, which decides how it is run and given time:
+    #   "data": PostgreSQL and Redis only: answers in well under a millisecond, never waits on a terminal;
+    #   "slow": a call to a tmux host, or password hashing (milliseconds);
+    #   "long": may wait seconds on a terminal (exec, create): never queued behind quick ones.
+    work: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.work not in WORK_KINDS:
+            raise ValueError(f"route {self.method} {self.resource}: work must be one of {WORK_KINDS}")
+
+    @property
+    def long_running(self) -> bool:
+        return self.work == "long"
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -31,21 +46,21 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     # auth
-    Route("POST", "/auth/token", False, "login"),
+    Route("POST", "/auth/token", False, "login", work="slow"),
     Route("POST", "/auth/revoke", True, "revoke"),
-    Route("GET", "/auth/health", False, "auth_health"),
+    Route("GET", "/auth/health", False, "auth_health", work="slow"),
     Route("GET", "/validate", True, "validate"),
     # sessions
-    Route("POST", "/sessions", True, "create_session", long_running=True),
+    Route("POST", "/sessions", True, "create_session", work="long"),
     Route("GET", "/sessions", True, "list_sessions"),
     Route("GET", "/sessions/{id}", True, "get_session"),
-    Route("DELETE", "/sessions/{id}", True, "delete_session"),
-    Route("POST", "/sessions/{id}/input", True, "send_input"),
-    Route("GET", "/sessions/{id}/screen", True, "read_screen"),
-    Route("POST", "/sessions/{id}/resize", True, "resize"),
-    Route("POST", "/sessions/{id}/exec", True, "exec_command", long_running=True),
+    Route("DELETE", "/sessions/{id}", True, "delete_session", work="slow"),
+    Route("POST", "/sessions/{id}/input", True, "send_input", work="slow"),
+    Route("GET", "/sessions/{id}/screen", True, "read_screen", work="slow"),
+    Route("POST", "/sessions/{id}/resize", True, "resize", work="slow"),
+    Route("POST", "/sessions/{id}/exec", True, "exec_command", work="long"),
     # operations / documentation
-    Route("GET", "/health", False, "health"),
+    Route("GET", "/health", False, "health", work="slow"),
     Route("GET", "/openapi.json", False, "openapi"),
     Route("GET", "/docs", False, "docs"),
 )

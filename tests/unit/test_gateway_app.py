@@ -211,9 +211,44 @@ async def test_authorizer_result_cache_when_ttl_set() -> None:
 def test_served_by_uvicorn() -> None:
     api = Recorder(echo)
     with BackgroundGateway(api_handler=api, authorizer_handler=Recorder(allow), max_workers=2) as gw:
-        r = httpx.get(gw.url + f"/sessions/{SID}/screen?escapes=true", headers=BEARER, timeout=5)
+        r = httpx.get(gw.url + f"/sessions/{SID}/screen?escapes=true",
+                      headers={**BEARER, "x-forwarded-for": "6.6.6.6"}, timeout=5)
         r404 = httpx.get(gw.url + "/missing", timeout=5)
     assert r.status_code == 200 and r.json()["path"] == f"/sessions/{SID}/screen"
     assert api.events[0]["headers"]["x-forwarded-proto"] == "http"
+    # the gateway is the edge: sourceIp is the TCP peer, whatever X-Forwarded-For a client sends
     assert api.events[0]["requestContext"]["identity"]["sourceIp"] == "127.0.0.1"
     assert r404.status_code == 404
+
+
+def test_data_routes_run_inline_and_slow_routes_in_the_pool() -> None:
+    """GET /sessions/{id} (PostgreSQL + Redis only) runs in the server's own thread, one at a time; a route that
+    waits on a tmux host runs in the pool, so a slow one does not hold up the quick ones."""
+    threads: dict[str, str] = {}
+
+    def handler(event: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+        import threading
+
+        threads[event["resource"]] = threading.current_thread().name
+        if event["resource"].endswith("/screen"):
+            time.sleep(1.5)
+        asyncio.get_event_loop()  # what Mangum calls: there must be a loop, and not the server's running one
+        with pytest.raises(RuntimeError):
+            asyncio.get_running_loop()
+        return {"statusCode": 200, "body": "{}"}
+
+    with BackgroundGateway(api_handler=Recorder(handler), authorizer_handler=Recorder(allow), max_workers=2) as gw:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            slow = ex.submit(httpx.get, gw.url + f"/sessions/{SID}/screen", headers=BEARER, timeout=10)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            quick = [httpx.get(gw.url + f"/sessions/{SID}", headers=BEARER, timeout=5) for _ in range(5)]
+            quick_s = time.monotonic() - t0
+            assert slow.result().status_code == 200
+    assert all(r.status_code == 200 for r in quick)
+    assert quick_s < 1.0, "quick routes waited for the slow one"
+    assert threads["/sessions/{id}"] == "local-gateway"  # BackgroundGateway's server thread
+    assert threads["/sessions/{id}/screen"].startswith("lambda")
