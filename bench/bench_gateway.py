@@ -1,7 +1,10 @@
 """Benchmark: authenticated ``GET /sessions/{id}`` through the local API gateway vs a bare FastAPI endpoint.
 
-Both servers run under uvicorn with the same options (httptools, uvloop, 1 worker, no access log), one after
-the other in the same run, on loopback, each measured for a bounded time at the same concurrency. The load
+All servers run under uvicorn with the same options (httptools, uvloop, no access log): the gateway with its
+worker processes (one per core by default), bare FastAPI with one process (the target's baseline) and with as
+many processes as the gateway (the stricter comparison, also reported). They are measured in alternating
+rounds in the same run, on loopback, each for a bounded time at the same concurrency; the ratio is the median
+of the rounds' ratios (a shared machine's speed drifts over minutes). The load
 generator is ``wrk`` (``apt-get install -y wrk``) with a Lua script that sets the Authorization header and
 reports latency percentiles; without wrk, an asyncio + httpx client in a separate process is used instead.
 
@@ -22,6 +25,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,10 +231,22 @@ def machine_info() -> dict[str, Any]:
             "platform": platform.platform(), "loadavg_before": os.getloadavg()}
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field medians over rounds (RPS, percentiles), errors summed, and each round's RPS kept."""
+    out: dict[str, Any] = {"tool": runs[0]["tool"], "rounds_rps": [r["rps"] for r in runs],
+                           "errors": sum(r["errors"] for r in runs), "requests": sum(r["requests"] for r in runs)}
+    for key in ("rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms"):
+        out[key] = round(statistics.median(r[key] for r in runs), 3)
+    return out
+
+
 def measure(gateway_url: str, token: str, session_id: str, *, duration_s: float = 10.0,
             connections: int = 32, warmup_s: float = 2.0, tool: str | None = None,
-            gateway_workers: int = 1) -> dict[str, Any]:
-    """Measure the gateway at ``gateway_url`` and a bare FastAPI endpoint (started here) back to back."""
+            gateway_workers: int = 1, rounds: int = 3) -> dict[str, Any]:
+    """Measure the gateway at ``gateway_url`` and a bare FastAPI endpoint (started here) in alternating rounds
+    (gateway, bare, [bare with as many processes], gateway, ...): the machine is shared and its speed drifts
+    over minutes, so each round's ratio compares measurements taken seconds apart, and the reported ratio is
+    the median of the rounds' ratios."""
     import httpx
 
     tool = tool or ("wrk" if shutil.which("wrk") else "httpx")
@@ -240,26 +256,33 @@ def measure(gateway_url: str, token: str, session_id: str, *, duration_s: float 
         raise SystemExit(f"GET {url} answered {r.status_code}: {r.text[:300]}")
     info = machine_info()
     results: dict[str, Any] = {"machine": info, "connections": connections, "duration_s": duration_s,
-                               "tool": tool, "uvicorn": UVICORN_OPTS}
-    if warmup_s:
-        load(url, token, warmup_s, connections, tool)
-    results["gateway"] = load(url, token, duration_s, connections, tool)
-    with _child_server("bare") as bare_url:
-        bare = f"{bare_url}/sessions/{session_id}"
+                               "rounds": rounds, "tool": tool, "uvicorn": UVICORN_OPTS,
+                               "gateway_workers": gateway_workers}
+    targets = {"gateway": (url, token)}
+    with contextlib.ExitStack() as servers:
+        targets["bare"] = (f"{servers.enter_context(_child_server('bare'))}/sessions/{session_id}", None)
+        if gateway_workers > 1:  # the stricter baseline: bare FastAPI with as many processes as the gateway
+            bare_n = servers.enter_context(_child_server(f"bare-workers-{gateway_workers}"))
+            targets[f"bare_x{gateway_workers}"] = (f"{bare_n}/sessions/{session_id}", None)
         if warmup_s:
-            load(bare, None, warmup_s, connections, tool)
-        results["bare"] = load(bare, None, duration_s, connections, tool)
-    if gateway_workers > 1:  # the stricter baseline: bare FastAPI with as many processes as the gateway
-        with _child_server(f"bare-workers-{gateway_workers}") as bare_url:
-            bare = f"{bare_url}/sessions/{session_id}"
-            if warmup_s:
-                load(bare, None, warmup_s, connections, tool)
-            results[f"bare_x{gateway_workers}"] = load(bare, None, duration_s, connections, tool)
-            b2 = results[f"bare_x{gateway_workers}"]
-            results["ratio_same_workers"] = round(results["gateway"]["rps"] / b2["rps"], 3) if b2["rps"] else 0.0
-    results["gateway_workers"] = gateway_workers
-    g, b = results["gateway"], results["bare"]
-    results["ratio"] = round(g["rps"] / b["rps"], 3) if b["rps"] else 0.0
+            for name, (u, t) in targets.items():
+                load(u, t, warmup_s, connections, tool)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for i in range(rounds):
+            for name, (u, t) in targets.items():
+                runs[name].append(load(u, t, duration_s, connections, tool))
+            print(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]['rps']:.0f} rps" for n, v in runs.items()),
+                  file=sys.stderr, flush=True)
+    for name, v in runs.items():
+        results[name] = _median_run(v)
+    ratios = [g["rps"] / b["rps"] if b["rps"] else 0.0 for g, b in zip(runs["gateway"], runs["bare"], strict=True)]
+    results["round_ratios"] = [round(x, 3) for x in ratios]
+    results["ratio"] = round(statistics.median(ratios), 3)
+    key = f"bare_x{gateway_workers}"
+    if key in runs:
+        same = [g["rps"] / b["rps"] if b["rps"] else 0.0 for g, b in zip(runs["gateway"], runs[key], strict=True)]
+        results["ratio_same_workers"] = round(statistics.median(same), 3)
+    g = results["gateway"]
     results["targets"] = {"ratio_min": TARGET_RATIO, "gateway_p95_max_ms": TARGET_P95_MS,
                           "met": results["ratio"] >= TARGET_RATIO and g["p95_ms"] <= TARGET_P95_MS
                           and g["errors"] == 0}
@@ -271,7 +294,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['cpus']} CPUs ({m['cpu_model'] or 'unknown'}), Python {m['python']}, "
         f"load before {', '.join(f'{x:.2f}' for x in m['loadavg_before'])}",
-        f"load: {results['tool']}, {results['connections']} connections, {results['duration_s']:.0f} s each; "
+        f"load: {results['tool']}, {results['connections']} connections, {results['rounds']} alternating rounds of "
+        f"{results['duration_s']:.0f} s each (medians shown); "
         f"uvicorn httptools+uvloop; gateway {results['gateway_workers']} worker process(es), bare 1"
         + (f" and {results['gateway_workers']}" if "ratio_same_workers" in results else ""),
         f"{'':10} {'RPS':>10} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}",
@@ -281,6 +305,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"{name:10} {r['rps']:>10.1f} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                      f"{r['errors']:>7}")
     t = results["targets"]
+    lines.append(f"ratio gateway/bare per round: {', '.join(f'{x:.3f}' for x in results['round_ratios'])}")
     lines.append(f"ratio gateway/bare = {results['ratio']:.3f} (target >= {t['ratio_min']}); gateway p95 "
                  f"{results['gateway']['p95_ms']:.2f} ms (target <= {t['gateway_p95_max_ms']} ms) -> "
                  f"{'MET' if t['met'] else 'MISSED'}")
@@ -326,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack", action="store_true", help="self-contained: start a LocalStack")
     ap.add_argument("--null", action="store_true",
                     help="the gateway alone, with trivial Lambda handlers (its own overhead)")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement (default 8)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each (default 2)")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--gateway-workers", type=int, default=1,
@@ -351,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path[:0] = [str(ROOT / "layers"), str(ROOT)]
     kw = {"duration_s": args.duration, "connections": args.connections, "warmup_s": args.warmup,
-          "tool": args.tool}
+          "tool": args.tool, "rounds": args.rounds}
     if args.url:
         if not (args.token and args.session):
             ap.error("--url needs --token and --session")

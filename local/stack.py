@@ -78,6 +78,7 @@ class LocalStack:
         if self.redis.proc is None:
             _log("starting redis-server ...")
             self.redis.start()
+            _log(f"redis-server on {self.redis.tcp_url} and {self.redis.socket_path} (the services use the socket)")
         redis_url = self.redis.url
         sec = _secret_file(self.data_dir / "secrets.json")
         env = {
