@@ -316,7 +316,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def stack_gateway() -> Iterator[tuple[str, str, str]]:
+def stack_gateway(settings: dict[str, str] | None = None) -> Iterator[tuple[str, str, str]]:
     """A full LocalStack (one tmux host); yields (url, token, session_id) of a fresh user's session."""
     import httpx
 
@@ -326,7 +326,8 @@ def stack_gateway() -> Iterator[tuple[str, str, str]]:
     base = Path(tempfile.mkdtemp(prefix="tmuxi-bench-", dir="/tmp"))
     sockets = Path(tempfile.mkdtemp(prefix="tb", dir="/tmp"))
     stack = LocalStack(data_dir=base / "data", hosts=1, socket_dir=sockets, gateway_port=free_port(),
-                       environment="test", extra_env={"TMUXI_RATE_LIMIT_PER_MINUTE": "100000000"})
+                       environment="test",
+                       extra_env={"TMUXI_RATE_LIMIT_PER_MINUTE": "100000000", **(settings or {})})
     try:
         stack.start()
         stack.ensure_user("bench", "bench-password-1", "user")
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-workers", type=int, default=1,
                     help="with --url: the gateway's worker processes (bare FastAPI is also measured with as many)")
     ap.add_argument("--tool", choices=["wrk", "httpx"], default=None, help="default: wrk if installed")
+    ap.add_argument("--set", action="append", default=[], metavar="TMUXI_NAME=VALUE",
+                    help="with --stack: a setting for the stack's processes (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -388,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             results = measure(url, "a.b.c", SESSION_ID, **kw)
         results["mode"] = "null"
     elif args.stack:
-        with stack_gateway() as (url, token, sid):
+        settings = dict(item.split("=", 1) for item in args.set)
+        if any(not k.startswith("TMUXI_") for k in settings):
+            ap.error("--set takes TMUXI_NAME=VALUE")
+        with stack_gateway(settings) as (url, token, sid):
             from tmuxi.settings import Settings
 
             results = measure(url, token, sid, gateway_workers=Settings().resolved_gateway_workers, **kw)
