@@ -265,7 +265,7 @@ def measure(gateway_url: str, token: str, session_id: str, *, duration_s: float 
             bare_n = servers.enter_context(_child_server(f"bare-workers-{gateway_workers}"))
             targets[f"bare_x{gateway_workers}"] = (f"{bare_n}/sessions/{session_id}", None)
         if warmup_s:
-            for name, (u, t) in targets.items():
+            for u, t in targets.values():
                 load(u, t, warmup_s, connections, tool)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
         for i in range(rounds):
