@@ -7,7 +7,6 @@ generation when Redis returns, which invalidates every entry that a missed inval
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -41,23 +40,6 @@ class _Gate:
         self._down_until = 0.0
         self._was_down = False
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._conns: list[redis.Connection] = []
-
-    def connection(self) -> redis.Connection:
-        """This thread's own connection, for the per-request command (``admit``): one command on one
-        connection costs about half the CPU of a call through the client (no pool checkout, no retry
-        wrapper, no response callbacks). Only valid inside ``call``; on any error it is dropped."""
-        conn: redis.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            client = self.client()
-            assert client is not None
-            pool = client.connection_pool
-            conn = pool.connection_class(**pool.connection_kwargs)
-            with self._lock:
-                self._conns.append(conn)
-            self._local.conn = conn
-        return conn
 
     def client(self) -> redis.Redis | None:
         if self._client is None:
@@ -81,15 +63,18 @@ class _Gate:
         if client is None or time.monotonic() < self._down_until:
             return DOWN
         try:
-            if self._was_down:  # first contact after an outage: invalidate what a missed delete may have left
+            if self._was_down:
+                # First contact after an outage or a failed write: invalidate every session entry a missed
+                # delete may have left, and make revocation checks ask PostgreSQL (a revocation may be
+                # missing here) until the list is re-warmed from it.
                 client.incr(_GEN)
+                client.delete(_REVOCATIONS_LOADED)
+                client.ping()  # see _flushed
                 self._was_down = False
-                logger.info("redis reachable again; cache generation bumped")
+                logger.info("redis reachable again; cache generation bumped, revocation list to re-warm")
             result = fn(client)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:  # a half-read reply must not be read by the next command
-                conn.disconnect()
+            _tracker.drop()  # whatever it holds may have missed an invalidation
             self._down_until = time.monotonic() + get_settings().redis_retry_after_s
             if not self._was_down:
                 logger.warning("redis unavailable; serving from PostgreSQL", extra={"error": type(exc).__name__})
@@ -107,10 +92,7 @@ class _Gate:
         with self._lock:
             if self._client is not None:
                 self._client.close()
-            for conn in self._conns:
-                conn.disconnect()  # type: ignore[no-untyped-call]
-            self._conns.clear()
-            self._local = threading.local()
+            _tracker.drop()
             self._client = None
             self._down_until = 0.0
             self._was_down = False
@@ -130,8 +112,17 @@ def put_session(session_id: str, data: dict[str, Any], gen: int) -> None:
     _gate.call(lambda r: r.set(f"session:{session_id}", payload, ex=get_settings().cache_ttl_s))
 
 
+def _flushed(r: redis.Redis, result: T) -> T:
+    """Follow a write of a key that trackers may hold with a round trip: when its answer arrives, Redis has
+    finished the event-loop pass that sent the invalidations for the write (it writes to clients in one pass,
+    and may be pre-empted half-way through it), so a request that follows this one -- in any process -- finds
+    the invalidation already delivered. Costs one round trip on deletes and revocations only."""
+    r.ping()
+    return result
+
+
 def invalidate_session(session_id: str) -> None:
-    if isinstance(_gate.call(lambda r: r.delete(f"session:{session_id}")), _Down):
+    if isinstance(_gate.call(lambda r: _flushed(r, r.delete(f"session:{session_id}"))), _Down):
         _gate.mark_missed_write()
 
 
@@ -148,7 +139,10 @@ def is_revoked(jti: str) -> bool | None:
 
 
 def mark_revoked(jti: str, ttl_s: int) -> None:
-    _gate.call(lambda r: r.set(f"revoked:{jti}", "1", ex=max(1, ttl_s)))
+    """Record a revocation (PostgreSQL already has it). If Redis cannot take it, revocation checks go to
+    PostgreSQL from the next contact until the list is re-warmed (see _Gate.call)."""
+    if isinstance(_gate.call(lambda r: _flushed(r, r.set(f"revoked:{jti}", "1", ex=max(1, ttl_s)))), _Down):
+        _gate.mark_missed_write()
 
 
 def load_revocations(entries: list[tuple[str, int]]) -> None:
@@ -160,75 +154,167 @@ def load_revocations(entries: list[tuple[str, int]]) -> None:
             pipe.set(f"revoked:{jti}", "1", ex=max(1, ttl))
         pipe.set(_REVOCATIONS_LOADED, "1")
         pipe.execute()
+        r.ping()  # see _flushed
 
     _gate.call(_load)
 
 
-# --- one round trip per API request ---------------------------------------------------------------
+# --- what every API request reads, answered from memory that Redis keeps exact --------------------
 @dataclass
 class Admission:
-    """What one authenticated request needs from Redis, fetched in one round trip."""
+    """What one authenticated request needs from Redis."""
 
-    count: int  # requests by this caller in the current rate-limit window
+    count: int  # requests by this caller in the current rate-limit window (an estimate, see Tracker)
     revoked: bool | None  # None: Redis cannot say (restarted and not re-warmed)
     session: dict[str, Any] | None  # the cached session row, when a session was named and cached
     gen: int  # the cache generation, for put_session
 
 
-# Rate-limit count and the reads an authenticated request needs, as ONE Redis command (one round trip, one
-# reply to parse). KEYS[1] is the rate-limit window key, KEYS[2..] are read; ARGV[1] is the window's TTL.
-_ADMIT_LUA = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-local out = {n}
-for i = 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
-return out
-"""
-_ADMIT_SHA = hashlib.sha1(_ADMIT_LUA.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
+_INVALIDATE_CHANNEL = "__redis__:invalidate"
+_MAX_TRACKED_KEYS = 10_000
+RATE_SYNC_S = 0.1  # below half its limit, a caller's count is written to Redis at least this often ...
+RATE_SYNC_REQUESTS = 20  # ... and every this many requests; from half the limit on, on every request
 
 
-def _spin_until_readable(conn: redis.Connection) -> None:
-    """Poll for the reply for up to ``redis_spin_us`` before the read blocks. A reply on loopback or within an
-    availability zone takes tens of microseconds; a thread put to sleep on the socket and woken again costs
-    more CPU than that (measured in-handler: ~105 us of CPU per blocking round trip against ~75 polling), and
-    this wait happens on every request. A slow or absent reply falls through to the normal blocking read with
-    its timeout."""
-    budget = get_settings().redis_spin_us
-    if budget <= 0:
-        return
-    deadline = time.perf_counter() + budget / 1e6
-    while not conn.can_read(0) and time.perf_counter() < deadline:
-        pass
+@dataclass
+class _Window:
+    known: int = 0  # the caller's count in Redis at the last sync (every process's requests)
+    pending: int = 0  # requests counted here since
+    synced_at: float = float("-inf")
 
 
-def admit(caller_key: str, jti: str, session_id: str | None, window_s: int = 60) -> Admission | _Down:
-    """Count the request for rate limiting, look up the token's revocation and the session's cache entry."""
-    keys = [f"rl:{caller_key}:{int(time.time()) // window_s}", f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN]
+class Tracker:
+    """The reads every authenticated request makes -- the token's revocation, the revocation-list marker, the
+    cache generation, the session's entry -- answered from this process's memory, which Redis keeps exact.
+
+    The data connection runs with ``CLIENT TRACKING`` (redirect mode): Redis remembers the keys it read and,
+    as soon as one changes, expires or is evicted, publishes its name on ``__redis__:invalidate`` to this
+    tracker's second connection. Before answering, pending invalidations are drained without blocking.
+    Writers of such keys (a delete, a revoke) follow the write with a round trip (``_flushed``), after which
+    Redis has sent the invalidations, so a request that follows a change -- through any process -- finds it
+    already delivered. Any error on either connection drops both and clears the memory: nothing is ever
+    answered that Redis could not have invalidated. (A round trip on every request was ~30% of a whole
+    request's CPU on the 2-core machines, mostly the wake-ups of two processes: bench/bench_gateway.py.)
+
+    Rate limiting is counted here. Below half its limit a caller's count is written to Redis (``INCRBY``) at
+    least every ``RATE_SYNC_S`` seconds and every ``RATE_SYNC_REQUESTS`` requests; from half the limit on,
+    on every request. So the limit holds exactly while fewer than limit / (2 x RATE_SYNC_REQUESTS) processes
+    serve one caller at once (30 at the default 1,200 a minute). A process that is frozen or killed loses at
+    most one unsynced batch of counts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: redis.Connection | None = None
+        self._sub: redis.Connection | None = None
+        self._values: dict[str, str | None] = {}
+        self._windows: dict[str, _Window] = {}
+
+    def drop(self) -> None:
+        """Forget the connections and everything read through them."""
+        for conn in (self._data, self._sub):
+            if conn is not None:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+        self._data = self._sub = None
+        self._values.clear()
+
+    def _connect(self, client: redis.Redis) -> redis.Connection:
+        pool = client.connection_pool
+        # RESP2: in redirect mode invalidations then arrive as ordinary pub/sub replies on our own connection
+        # (under RESP3 they are push messages, which the client library consumes itself)
+        kwargs = {**pool.connection_kwargs, "protocol": 2}
+        sub: redis.Connection = pool.connection_class(**kwargs)
+        data: redis.Connection = pool.connection_class(**kwargs)
+        try:
+            sub.send_command("CLIENT", "ID")  # type: ignore[no-untyped-call]
+            sub_id = sub.read_response()
+            sub.send_command("SUBSCRIBE", _INVALIDATE_CHANNEL)  # type: ignore[no-untyped-call]
+            sub.read_response()
+            data.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", sub_id)  # type: ignore[no-untyped-call]
+            data.read_response()
+        except BaseException:
+            sub.disconnect()  # type: ignore[no-untyped-call]
+            data.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        self._values.clear()
+        self._sub, self._data = sub, data
+        return data
+
+    def _drain(self, sub: redis.Connection) -> None:
+        while sub.can_read(0):
+            msg = sub.read_response()
+            if isinstance(msg, list) and len(msg) == 3 and msg[0] == "message":
+                if msg[2] is None:  # FLUSHDB / FLUSHALL
+                    self._values.clear()
+                else:
+                    for key in msg[2]:
+                        self._values.pop(key, None)
+
+    def _window(self, rate_key: str) -> _Window:
+        w = self._windows.get(rate_key)
+        if w is None:  # a new window: the previous ones are over
+            window = rate_key.rsplit(":", 1)[1]
+            for k in [k for k in self._windows if not k.endswith(":" + window)]:
+                del self._windows[k]
+            w = self._windows[rate_key] = _Window()
+        return w
+
+    def admit(self, client: redis.Redis, rate_key: str, window_s: int, limit: int,
+              keys: list[str]) -> tuple[int, list[str | None]]:
+        """(the caller's request count in this window, the values of ``keys``)."""
+        with self._lock:
+            data = self._data
+            if data is None or self._sub is None:
+                data = self._connect(client)
+            else:
+                self._drain(self._sub)
+            now = time.monotonic()
+            w = self._window(rate_key)
+            w.pending += 1
+            sync = (w.pending >= RATE_SYNC_REQUESTS or now - w.synced_at >= RATE_SYNC_S
+                    or 2 * (w.known + w.pending) > limit)
+            missing = [k for k in keys if k not in self._values]
+            commands: list[tuple[Any, ...]] = []
+            if sync:
+                commands += [("SET", rate_key, 0, "EX", window_s + 1, "NX"), ("INCRBY", rate_key, w.pending)]
+            if missing:
+                commands.append(("MGET", *missing))
+            if commands:  # one round trip for all of it
+                data.send_packed_command(data.pack_commands(commands))  # type: ignore[no-untyped-call]
+                replies = [data.read_response() for _ in commands]
+                if sync:
+                    w.known, w.pending, w.synced_at = int(replies[1]), 0, now
+                if missing:
+                    if len(self._values) + len(missing) > _MAX_TRACKED_KEYS:
+                        self._values.clear()
+                    self._values.update(zip(missing, replies[-1], strict=True))
+            return w.known + w.pending, [self._values.get(k) for k in keys]
+
+
+_tracker = Tracker()
+
+
+def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None = None,
+          window_s: int = 60) -> Admission | _Down:
+    """Count the request for rate limiting (against ``limit``, default the setting), look up the token's
+    revocation and the session's cache entry."""
+    rate_key = f"rl:{caller_key}:{int(time.time()) // window_s}"
+    keys = [f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN]
     if session_id:
         keys.append(f"session:{session_id}")
-
-    def _run(_: redis.Redis) -> list[Any]:
-        conn = _gate.connection()
-        try:
-            conn.send_command("EVALSHA", _ADMIT_SHA, len(keys), *keys, window_s + 1)  # type: ignore[no-untyped-call]
-            _spin_until_readable(conn)
-            return list(conn.read_response())
-        except redis.exceptions.NoScriptError:  # a new or flushed Redis: load the script, then run it
-            conn.send_command("EVAL", _ADMIT_LUA, len(keys), *keys, window_s + 1)  # type: ignore[no-untyped-call]
-            return list(conn.read_response())
-
-    res = _gate.call(_run)
+    lim = get_settings().rate_limit_per_minute if limit is None else limit
+    res = _gate.call(lambda r: _tracker.admit(r, rate_key, window_s, lim, keys))
     if isinstance(res, _Down):
         return DOWN
-    count, revoked_hit, loaded, gen_raw = res[0], res[1], res[2], res[3]
+    count, (revoked_hit, loaded, gen_raw, *rest) = res
     gen = int(gen_raw or 0)
     revoked = True if revoked_hit is not None else (False if loaded is not None else None)
     session = None
-    if session_id and len(res) > 4 and res[4] is not None:
-        entry = json.loads(res[4])
+    if rest and rest[0] is not None:
+        entry = json.loads(rest[0])
         if entry.pop("_g", None) == gen:
             session = entry
-    return Admission(int(count), revoked, session, gen)
+    return Admission(count, revoked, session, gen)
 
 
 # --- rate limits -----------------------------------------------------------------------------------

@@ -42,8 +42,6 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_timeout_s: float = Field(0.25, gt=0)
     redis_retry_after_s: float = Field(1.0, ge=0)
-    # How long the per-request Redis call polls for its reply before sleeping on the socket (0: never polls).
-    redis_spin_us: int = Field(200, ge=0, le=10_000)
     cache_ttl_s: int = Field(30, ge=1)
 
     # --- Auth (RFC 8725: one pinned algorithm; exp, aud, iss always checked)

@@ -163,11 +163,75 @@ def test_revocation_holds_while_redis_is_down_and_after_it_restarts(deps: Deps) 
     assert cache.is_revoked(p.jti) is True  # re-warmed from PostgreSQL
 
 
-def test_rate_limit_counts_in_redis_and_falls_back_per_process(deps: Deps) -> None:
+def _rate_key(key: str) -> str:
+    return f"rl:{key}:{int(time.time()) // 60}"
+
+
+def test_rate_limit_counts_here_and_reaches_redis_within_the_sync_interval(deps: Deps) -> None:
     key = f"user:{uuid.uuid4()}"
     counts = [a.count for a in (cache.admit(key, "j", None) for _ in range(3)) if isinstance(a, cache.Admission)]
     assert counts == [1, 2, 3]
-    assert int(_redis(deps).get(f"rl:{key}:{int(time.time()) // 60}") or 0) == 3
+    time.sleep(cache.RATE_SYNC_S)
+    assert isinstance(cache.admit(key, "j", None), cache.Admission)  # due for a sync: it carries all four
+    assert int(_redis(deps).get(_rate_key(key)) or 0) == 4
+
+
+def test_rate_limit_is_exact_near_the_limit_across_processes(deps: Deps) -> None:
+    """Two trackers stand for two processes (two Lambda environments): near the limit every request is
+    counted in Redis, so together they admit exactly ``limit`` requests."""
+    key, limit = f"user:{uuid.uuid4()}", 3 * cache.RATE_SYNC_REQUESTS
+    client = cache._gate.client()
+    assert client is not None
+    a, b = cache.Tracker(), cache.Tracker()
+    admitted = 0
+    try:
+        for i in range(2 * limit):
+            count, _ = (a if i % 2 else b).admit(client, _rate_key(key), 60, limit, ["k"])
+            admitted += count <= limit
+    finally:
+        a.drop()
+        b.drop()
+    assert admitted == limit
+    assert int(_redis(deps).get(_rate_key(key)) or 0) >= limit
+
+
+def test_tracker_sees_changes_written_by_other_processes(deps: Deps) -> None:
+    """What a tracker holds in memory is invalidated by Redis as soon as anyone changes it."""
+    client = cache._gate.client()
+    assert client is not None
+    other = cache.Tracker()  # another process's view
+    sid, jti = str(uuid.uuid4()), uuid.uuid4().hex
+    keys = [f"revoked:{jti}", f"session:{sid}"]
+    rk = _rate_key("user:tracked")
+    try:
+        assert other.admit(client, rk, 60, 10**6, keys)[1] == [None, None]
+        cache.put_session(sid, {"state": "active"}, 0)
+        cache.mark_revoked(jti, 60)
+        revoked, entry = other.admit(client, rk, 60, 10**6, keys)[1]
+        assert revoked == "1" and entry is not None and '"active"' in entry
+        cache.invalidate_session(sid)  # e.g. a delete served by this process
+        assert other.admit(client, rk, 60, 10**6, keys)[1][1] is None
+    finally:
+        other.drop()
+
+
+def test_tracker_serves_nothing_after_losing_its_invalidation_connection(deps: Deps) -> None:
+    sid = str(uuid.uuid4())
+    first = cache.admit("user:conn-loss", "jti-loss", sid)
+    assert isinstance(first, cache.Admission)
+    cache.put_session(sid, {"state": "active"}, first.gen)
+    assert (a := cache.admit("user:conn-loss", "jti-loss", sid)) and a.session == {"state": "active"}
+    r = _redis(deps)
+    r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # invalidations can no longer reach this process
+    r.delete(f"session:{sid}")
+    assert cache.admit("user:conn-loss", "jti-loss", sid) is cache.DOWN  # not the stale entry
+    _wait_redis_up()
+    again = cache.admit("user:conn-loss", "jti-loss", sid)
+    assert isinstance(again, cache.Admission) and again.session is None
+
+
+def test_rate_limit_falls_back_per_process_when_redis_is_down(deps: Deps) -> None:
+    key = f"user:{uuid.uuid4()}"
     _, p = _principal(_user())
     deps.redis.stop()
     try:

@@ -63,13 +63,13 @@ def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | Non
         AUTH_FAILURES.labels(reason="expired").inc()
         raise Unauthorized("token expired", reason="expired")
     key = f"user:{p.user_id}"
-    res = cache.admit(key, p.jti, str(session_id) if session_id else None)
+    limit = get_settings().rate_limit_per_minute
+    res = cache.admit(key, p.jti, str(session_id) if session_id else None, limit)
     adm = res if isinstance(res, cache.Admission) else None
     if adm is not None:
         count, known = adm.count, adm.revoked
     else:
         count, known = cache.local_rate_count(key), None
-    limit = get_settings().rate_limit_per_minute
     if count > limit:
         raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit,
                           retry_after_s=round(60 - time.time() % 60, 1))
