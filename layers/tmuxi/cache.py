@@ -212,11 +212,29 @@ class Tracker:
 
     def drop(self) -> None:
         """Forget the connections and everything read through them."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for conn in (self._data, self._sub):
             if conn is not None:
                 conn.disconnect()  # type: ignore[no-untyped-call]
         self._data = self._sub = None
         self._values.clear()
+
+    def _current(self, client: redis.Redis) -> redis.Connection:
+        """The data connection, with every invalidation Redis has sent applied. When either connection was
+        closed (Redis restarted, a client timeout, CLIENT KILL), Redis stopped tracking for us: start over with
+        new connections and an empty memory."""
+        if self._data is not None and self._sub is not None:
+            try:
+                if self._data.can_read(0):  # nothing ever arrives on it unasked: only a close or an error
+                    raise redis.ConnectionError("tracking connection closed by the server")
+                self._drain(self._sub)
+                return self._data
+            except redis.ConnectionError:
+                self._close()
+        return self._connect(client)
 
     def _connect(self, client: redis.Redis) -> redis.Connection:
         pool = client.connection_pool
@@ -263,11 +281,7 @@ class Tracker:
               keys: list[str]) -> tuple[int, list[str | None]]:
         """(the caller's request count in this window, the values of ``keys``)."""
         with self._lock:
-            data = self._data
-            if data is None or self._sub is None:
-                data = self._connect(client)
-            else:
-                self._drain(self._sub)
+            data = self._current(client)
             now = time.monotonic()
             w = self._window(rate_key)
             w.pending += 1
