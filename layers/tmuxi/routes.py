@@ -73,7 +73,7 @@ class AuthorizerConfig:
     identity_header: str = "Authorization"  # identity source: method.request.header.Authorization
     # API Gateway caches the authorizer's Allow/Deny per identity-source value (its default is 300 s). That is
     # safe here because the API itself re-checks expiry and revocation on every request (services.auth.admit,
-    # in the same Redis round trip that fetches the session): a revoked token is refused on the next request.
+    # with the same lookup that fetches the session): a revoked token is refused on the next request.
     result_ttl_s: int = 300
 
     @property

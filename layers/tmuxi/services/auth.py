@@ -57,8 +57,9 @@ def authorize(token: str) -> Principal:
 
 def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | None:
     """The checks every authenticated request passes, whether or not the gateway cached the authorizer's
-    answer: token not expired, not revoked, caller under the rate limit. One Redis round trip also brings the
-    named session's cache entry. Returns None when Redis is down (then PostgreSQL answers)."""
+    answer: token not expired, not revoked, caller under the rate limit; the same call brings the named
+    session's cache entry (``cache.admit``: usually from memory kept exact by Redis, no round trip). Returns
+    None when Redis is down (then PostgreSQL answers)."""
     if p.exp < time.time() - _LEEWAY_S:
         AUTH_FAILURES.labels(reason="expired").inc()
         raise Unauthorized("token expired", reason="expired")
