@@ -218,7 +218,8 @@ class Engine:
             if self.on_notification is not None:
                 self.on_notification(index, name, args)
 
-        return ControlClient(self.socket_path(index), shell=self.shell, on_notification=note)
+        return ControlClient(self.socket_path(index), shell=self.shell, on_notification=note,
+                             spin_s=self.settings.control_spin_us / 1e6)
 
     async def _connect(self, shard: Shard) -> None:
         """(Re)attach to a shard's tmux server (starting it if needed), set options, adopt its sessions."""
