@@ -11,14 +11,21 @@ import cProfile
 import io
 import os
 import pstats
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import httpx
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "layers", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from bench.common import local_stack, machine
+import httpx  # noqa: E402
+
+from bench.common import local_stack, machine  # noqa: E402
 
 
 def per_call_us(fn: Callable[[], Any], n: int) -> float:

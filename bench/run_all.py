@@ -26,7 +26,7 @@ def main() -> int:
          ["bench/bench_host.py", "--sessions", "50" if q else "500", "--iterations", "300" if q else "2000"]),
         ("session creation through the gateway", ["bench/bench_create.py", "--n", "20" if q else "100"]),
         ("GET /sessions/{id} through the gateway vs bare FastAPI",
-         ["bench/bench_gateway.py", "--stack", "--duration", "3" if q else "10"]),
+         ["bench/bench_gateway.py", "--stack", *(["--duration", "3", "--rounds", "1"] if q else [])]),
     ]
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

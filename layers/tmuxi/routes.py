@@ -36,10 +36,6 @@ class Route:
             raise ValueError(f"route {self.method} {self.resource}: work must be one of {WORK_KINDS}")
 
     @property
-    def long_running(self) -> bool:
-        return self.work == "long"
-
-    @property
     def params(self) -> tuple[str, ...]:
         return tuple(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource))
 

@@ -30,9 +30,10 @@ def sock_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def _client(sock_dir: Path, notes: list[tuple[str, str]] | None = None) -> ControlClient:
+async def _client(sock_dir: Path, notes: list[tuple[str, str]] | None = None, spin_s: float = 0.0) -> ControlClient:
     ctl = ControlClient(sock_dir / "s0", shell=Settings().shell,  # the tests' rc-free shell (conftest)
-                        on_notification=(lambda n, a: notes.append((n, a))) if notes is not None else None)
+                        on_notification=(lambda n, a: notes.append((n, a))) if notes is not None else None,
+                        spin_s=spin_s)
     await ctl.start()
     return ctl
 
@@ -75,6 +76,25 @@ async def test_pipelined_replies_stay_in_order_with_notifications(sock_dir: Path
         with pytest.raises(TmuxCommandError):
             await ctl.command("no-such-command")
         assert await ctl.command("display-message -p ok") == ["ok"]
+    finally:
+        await ctl.close()
+
+
+async def test_replies_read_on_the_spot_match_their_commands(sock_dir: Path) -> None:
+    """With spinning on, a lone command reads its own reply before yielding; errors, notifications and
+    concurrent callers (which do not spin) still get exactly their own replies."""
+    notes: list[tuple[str, str]] = []
+    ctl = await _client(sock_dir, notes, spin_s=0.05)
+    try:
+        for i in range(50):
+            assert await ctl.command(f"display-message -p 'n{i}'") == [f"n{i}"]
+        with pytest.raises(TmuxCommandError):
+            await ctl.command("kill-session -t '$999'")
+        assert await ctl.command("new-session -d -s spun -P -F 'S#{session_name}'") == ["Sspun"]
+        assert await ctl.command("display-message -p after") == ["after"]
+        got = await asyncio.gather(*(ctl.command(f"display-message -p 'c{i}'") for i in range(20)))
+        assert got == [[f"c{i}"] for i in range(20)]
+        await _wait(lambda: asyncio.sleep(0, result=any(n == "sessions-changed" for n, _ in notes)))
     finally:
         await ctl.close()
 
