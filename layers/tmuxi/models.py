@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tmuxi.routes import EXEC_TIMEOUT_MAX_S
+
 SessionState = Literal["creating", "active", "deleted", "failed", "lost"]
 Role = Literal["user", "admin"]
 
@@ -121,7 +123,11 @@ class ResizeRequest(_Strict):
 
 class ExecRequest(_Strict):
     command: str = Field(min_length=1)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=EXEC_TIMEOUT_MAX_S,
+        description=f"seconds (default 20); at most {EXEC_TIMEOUT_MAX_S:g}: the REST API answers within "
+                    "API Gateway's 29 s integration timeout",
+    )
 
 
 class ExecResult(BaseModel):

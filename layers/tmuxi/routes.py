@@ -82,6 +82,9 @@ AUTHORIZER = AuthorizerConfig()
 # API Gateway (REST) hard limits the local gateway also enforces.
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
 INTEGRATION_TIMEOUT_S = 29.0
+# The longest exec the REST API accepts: its answer must reach the client within the integration timeout
+# (API Gateway answers 504 otherwise), with time left for the host call and the response.
+EXEC_TIMEOUT_MAX_S = INTEGRATION_TIMEOUT_S - 4
 
 
 class RouteTable:

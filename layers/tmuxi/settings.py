@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tmuxi.routes import EXEC_TIMEOUT_MAX_S
+
 ENV_PREFIX = "TMUXI_"
 _PLACEHOLDERS = {"", "changeme", "change-me", "secret", "password", "dev", "development", "test"}
 
@@ -56,8 +58,8 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(65536, ge=1)
     max_command_bytes: int = Field(16384, ge=1)
     max_body_bytes: int = Field(262144, ge=1024)
-    exec_timeout_default_s: float = Field(30.0, gt=0)
-    exec_timeout_max_s: float = Field(600.0, gt=0)
+    exec_timeout_default_s: float = Field(20.0, gt=0, le=EXEC_TIMEOUT_MAX_S)
+    exec_timeout_max_s: float = Field(EXEC_TIMEOUT_MAX_S, gt=0, le=EXEC_TIMEOUT_MAX_S)  # see routes.py
     exec_max_output_bytes: int = Field(1 << 20, ge=1024)
 
     # --- Tmux host (the long-running service)

@@ -104,6 +104,10 @@ def test_invalid_session_fields_are_422(stack: Any, user: dict[str, str], sessio
     assert "query.history" in b["error"]["message"]
     _err(stack.client.post(f"/sessions/{session}/input", json={"keys": ["kill-server"]}, headers=user), 422,
          "validation_error")
+    # an exec that could outlast API Gateway's 29 s integration timeout is refused up front, not cut off by a 504
+    b = _err(stack.client.post(f"/sessions/{session}/exec", json={"command": "sleep 60", "timeout_s": 60},
+                               headers=user), 422, "validation_error")
+    assert "body.timeout_s" in b["error"]["message"]
 
 
 def test_oversize_input_and_command_are_413(stack: Any, user: dict[str, str], session: str) -> None:
