@@ -52,6 +52,7 @@ HISTORY_LIMIT = 5000
 class Registry(Protocol):  # what tmuxi.registry provides (module or object)
     def heartbeat(self, info: HostInfo) -> Any: ...
     def reconcile_host(self, host_id: str, present: set[UUID]) -> set[UUID]: ...
+    def sessions_exited(self, host_id: str, session_ids: set[UUID]) -> None: ...
 
 
 @dataclass
@@ -152,6 +153,7 @@ class Engine:
         self._changed_at: dict[UUID, int] = {}
         self._stopping = False
         self._bg: list[asyncio.Task[None]] = []
+        self._refreshing: set[int] = set()
         self._gauge = ACTIVE_SESSIONS.labels(host=self.host_id)
         self.on_notification: Callable[[int, str, str], None] | None = None  # seam for output streaming
 
@@ -213,8 +215,9 @@ class Engine:
 
     def _new_ctl(self, index: int) -> ControlClient:
         def note(name: str, args: str) -> None:
-            # The session map is refreshed by list/heartbeat and on "can't find" errors, not from
-            # notifications. Output streaming (later issue) subscribes through `on_notification`.
+            if name == "sessions-changed":  # a session appeared or went away (a shell exited?): re-read it
+                self._schedule_refresh(index)
+            # Output streaming (later issue) subscribes through `on_notification`.
             if self.on_notification is not None:
                 self.on_notification(index, name, args)
 
@@ -237,7 +240,8 @@ class Engine:
                 "set-option -g exit-empty off",
                 f"set-option -g default-terminal {quote(default_terminal())}",
             ])
-            await self._adopt(shard)
+            exited = await self._adopt(shard)
+        await self._report_exited(exited)  # sessions whose shell exited while we were not connected
 
     async def _ctl(self, index: int) -> ControlClient:
         shard = self.shards[index]
@@ -268,8 +272,9 @@ class Engine:
                 delay = min(delay * 2, 10.0)
 
     # --- session map -------------------------------------------------------------------------------
-    async def _adopt(self, shard: Shard) -> None:
-        """Rebuild the map for one shard from tmux itself (called on (re)connect and refresh)."""
+    async def _adopt(self, shard: Shard) -> set[UUID]:
+        """Rebuild the map for one shard from tmux itself (called on (re)connect and refresh). Returns the
+        sessions it dropped because tmux no longer has them (their shell exited)."""
         ctl = shard.ctl
         seq = self._change_seq
         sessions, panes = await ctl.commands([
@@ -308,21 +313,61 @@ class Engine:
                 self._sessions[uid] = SessionRec(uid, shard.index, name, tmux_id, pane, pid, nwin)
             else:
                 rec.tmux_id, rec.pane_id, rec.pid, rec.windows = tmux_id, pane, pid, nwin
+        exited: set[UUID] = set()
         for uid in [u for u, r in self._sessions.items() if r.shard == shard.index and u not in present]:
             if uid in self._creating or self._changed_at.get(uid, -1) > seq:
                 continue
             del self._sessions[uid]
+            exited.add(uid)
             SESSIONS_CLEANED.labels(host=self.host_id, reason="exited").inc()
         self._gauge.set(len(self._sessions))
+        return exited
 
     async def refresh(self) -> None:
         """Re-read every live shard (drops sessions whose shell exited, adopts unknown ones)."""
         for shard in self.shards:
-            if shard.ctl.alive:
-                try:
-                    await self._adopt(shard)
-                except (ControlClosed, TmuxCommandError) as exc:
-                    logger.warning("shard refresh failed", extra={"shard": shard.index, "error": str(exc)})
+            await self._refresh_shard(shard)
+
+    async def _refresh_shard(self, shard: Shard) -> None:
+        if not shard.ctl.alive:
+            return
+        try:
+            exited = await self._adopt(shard)
+        except (ControlClosed, TmuxCommandError) as exc:
+            logger.warning("shard refresh failed", extra={"shard": shard.index, "error": str(exc)})
+            return
+        await self._report_exited(exited)
+
+    def _schedule_refresh(self, index: int) -> None:
+        """Re-read one shard soon (a burst of notifications makes one refresh)."""
+        if self._stopping or index in self._refreshing or index >= len(self.shards):
+            return
+        self._refreshing.add(index)
+
+        async def run() -> None:
+            try:
+                await asyncio.sleep(0.02)
+                await self._refresh_shard(self.shards[index])
+            finally:
+                self._refreshing.discard(index)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"refresh-{index}")
+        self._bg.append(task)
+        task.add_done_callback(lambda t: self._bg.remove(t) if t in self._bg else None)
+
+    async def _report_exited(self, exited: set[UUID]) -> None:
+        """Tell the registry about sessions whose shell exited, so the record says so at once."""
+        if not exited or self.registry is None:
+            return
+        report = getattr(self.registry, "sessions_exited", None)
+        if report is None:
+            return
+        try:
+            await asyncio.to_thread(report, self.host_id, exited)
+        except Exception as exc:  # the next start's reconcile marks them lost instead
+            logger.warning("could not record exited sessions", extra={"count": len(exited), "error": str(exc)})
+        else:
+            logger.info("sessions exited", extra={"count": len(exited)})
 
     async def _reconcile_registry(self) -> None:
         if self.registry is None:
@@ -664,7 +709,7 @@ class Engine:
                 f" {{ \\. '{sh}'; }} </dev/null >'{out}' 2>&1; \\echo $? >'{rc}'\n"
             ).encode()
             await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
-            code = await self._wait_rc(rc, started + timeout)
+            code = await self._wait_rc(rc, started + timeout, rec)
             timed_out = code is None
             if timed_out:
                 TIMEOUTS.labels(component="host", operation="exec").inc()
@@ -679,6 +724,19 @@ class Engine:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
+    def _shell_alive(self, rec: SessionRec) -> bool:
+        if self._sessions.get(rec.session_id) is not rec:
+            return False  # dropped by a refresh: tmux no longer has the session
+        if rec.pid is None:
+            return True
+        try:
+            os.kill(rec.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive (and someone else's: not ours to judge)
+            return True
+        return True
+
     @staticmethod
     def _read_rc(rc: Path) -> int | None:
         try:
@@ -692,12 +750,17 @@ class Engine:
         except ValueError:
             return -1
 
-    async def _wait_rc(self, rc: Path, deadline: float) -> int | None:
+    async def _wait_rc(self, rc: Path, deadline: float, rec: SessionRec | None = None) -> int | None:
+        """The exit code once the rc file is complete; None at the deadline. Raises SessionEnded when the
+        session's shell is gone meanwhile (the command ran ``exit`` or ``exec``, or killed it)."""
         delay = 0.002
         while True:
             code = self._read_rc(rc)
             if code is not None:
                 return code
+            if rec is not None and not self._shell_alive(rec):
+                raise errors.SessionEnded("the command ended the session's shell (exit, exec or a signal): "
+                                          "the session is over")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None

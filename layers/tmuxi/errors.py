@@ -58,6 +58,10 @@ class SessionNotActive(Conflict):
     code = "session_not_active"
 
 
+class SessionEnded(Conflict):
+    code = "session_ended"
+
+
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"

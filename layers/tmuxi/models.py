@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tmuxi.routes import EXEC_TIMEOUT_MAX_S
 
-SessionState = Literal["creating", "active", "deleted", "failed", "lost"]
+SessionState = Literal["creating", "active", "deleted", "failed", "lost", "exited"]
 Role = Literal["user", "admin"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

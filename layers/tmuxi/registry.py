@@ -29,6 +29,14 @@ def heartbeat(info: HostInfo) -> None:
                                   "ts": time.time()}, ttl_s=int(s.host_dead_after_s))
 
 
+def sessions_exited(host_id: str, session_ids: set[UUID]) -> None:
+    """Called by a host when sessions' shells exited (``exit`` typed, or a command ended the shell): they are
+    over. Sessions already ended (deleted meanwhile) are left as they are."""
+    for sid in session_ids:
+        if repo.end_session(sid, None, "exited", f"its shell exited (host {host_id})") is not None:
+            cache.invalidate_session(str(sid))
+
+
 def host_url(host_id: str) -> str:
     """The URL of a host (in-process cache, then Redis, then PostgreSQL)."""
     hit = _url_cache.get(host_id)

@@ -243,6 +243,41 @@ def test_exec_timeout_then_session_still_works(stack: Any, user: dict[str, str],
     assert out["exit_code"] == 0 and out["output"].strip() == "ok" and out["timed_out"] is False
 
 
+def _new_session(stack: Any, headers: dict[str, str]) -> str:
+    r = stack.client.post("/sessions", json={}, headers=headers)
+    assert r.status_code == 201, r.text
+    sid: str = r.json()["id"]
+    assert _exec(stack, headers, sid, "true")["exit_code"] == 0  # the shell is up
+    return sid
+
+
+def test_exec_that_exits_the_shell_ends_the_session(stack: Any) -> None:
+    """`exit` in a command ends the session's shell: the exec says so at once (not after its timeout) and the
+    session is recorded as exited."""
+    _, headers = stack.new_user()
+    sid = _new_session(stack, headers)
+    t0 = time.monotonic()
+    r = stack.client.post(f"/sessions/{sid}/exec", json={"command": "echo bye; exit 3", "timeout_s": 20},
+                          headers=headers)
+    _err(r, 409, "session_ended")
+    assert time.monotonic() - t0 < 10, "waited for the timeout instead of noticing the shell exit"
+    assert stack.client.get(f"/sessions/{sid}", headers=headers).json()["state"] == "exited"
+    _err(stack.client.post(f"/sessions/{sid}/input", json={"text": "x"}, headers=headers), 409,
+         "session_not_active")
+
+
+def test_typing_exit_ends_the_session(stack: Any) -> None:
+    """A shell that exits by itself (here: `exit` typed as input) is recorded as exited by its host."""
+    _, headers = stack.new_user()
+    sid = _new_session(stack, headers)
+    r = stack.client.post(f"/sessions/{sid}/input", json={"text": "exit", "enter": True}, headers=headers)
+    assert r.status_code == 204, r.text
+    deadline = time.monotonic() + 10
+    while (state := stack.client.get(f"/sessions/{sid}", headers=headers).json()["state"]) != "exited":
+        assert state == "active" and time.monotonic() < deadline, state
+        time.sleep(0.05)
+
+
 # --- quota and docs ---------------------------------------------------------------------------------------
 
 

@@ -127,7 +127,8 @@ def activate_session(session_id: UUID, actor: UUID, shard: int, pane_id: str) ->
 
 
 def end_session(session_id: UUID, actor: UUID | None, state: str, reason: str) -> Row | None:
-    """Mark a live session ended (deleted / failed / lost). Returns the row, or None if it was not live."""
+    """Mark a live session ended (deleted / failed / lost / exited). Returns the row, or None if it was not
+    live."""
     with connection() as conn, conn.transaction():
         row = conn.execute(
             f"UPDATE sessions SET state = %s, ended_at = now(), end_reason = %s"

@@ -15,6 +15,7 @@ from tmuxi.errors import (
     HostUnavailable,
     NotFound,
     PayloadTooLarge,
+    SessionEnded,
     SessionNotActive,
 )
 from tmuxi.models import (
@@ -145,7 +146,14 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
         raise PayloadTooLarge(f"command is {size} bytes; the limit is {s.max_command_bytes}")
     timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
     _, host = _active(p, session_id)
-    result = host.exec(session_id, body.command, timeout)
+    try:
+        result = host.exec(session_id, body.command, timeout)
+    except SessionEnded:
+        # The command ran `exit` (or `exec`, or killed the shell): the session is over. The host reports it
+        # too; whichever comes first records it.
+        if repo.end_session(session_id, p.user_id, "exited", "the shell exited during an exec") is not None:
+            cache.invalidate_session(str(session_id))
+        raise
     repo.record_activity(session_id, p.user_id, "session.exec",
                          {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
     return result
