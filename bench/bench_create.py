@@ -9,15 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import libtmux
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "layers", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from bench.common import local_stack, machine, summary_ms
+import httpx  # noqa: E402
+import libtmux  # noqa: E402
+
+from bench.common import local_stack, machine, summary_ms  # noqa: E402
 
 
 def bench_gateway_create(n: int) -> dict[str, Any]:
