@@ -168,6 +168,23 @@ def test_revocation_holds_while_redis_is_down_and_after_it_restarts(deps: Deps) 
     assert cache.is_revoked(p.jti) is True  # re-warmed from PostgreSQL
 
 
+def test_revocation_that_missed_redis_is_still_refused_when_redis_answers_again(deps: Deps) -> None:
+    """Redis (not restarted, its revocation list still marked loaded) misses a revocation: the token must not
+    work once Redis answers again."""
+    _wait_redis_up()
+    uid = _user()
+    token, p = _principal(uid)
+    auth_service.admit(p)  # this process has the token's entry in memory: "not revoked"
+    _redis(deps).set("revocations:loaded", "1")
+    _redis(deps).execute_command("CLIENT", "PAUSE", "600", "ALL")
+    auth_service.revoke(p)  # PostgreSQL records it; the Redis write times out
+    time.sleep(0.7)  # pause over, retry window over
+    with pytest.raises(Unauthorized):
+        auth_service.admit(p)
+    with pytest.raises(Unauthorized):
+        auth_service.authorize(token)
+
+
 def _rate_key(key: str) -> str:
     return f"rl:{key}:{int(time.time()) // 60}"
 
