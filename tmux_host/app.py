@@ -36,7 +36,7 @@ class _Body(BaseModel):
 
 class CreateSessionBody(_Body):
     session_id: UUID
-    owner_key: str = Field(min_length=1, max_length=256)
+    account: int = Field(ge=1, le=2**31 - 1)  # the owner's users.account_no: whose OS account and tmux server
     cols: int = Field(ge=10, le=1000)
     rows: int = Field(ge=5, le=500)
 
@@ -44,10 +44,6 @@ class CreateSessionBody(_Body):
 class InputBody(_Body):
     data_b64: str | None = None
     keys: list[str] | None = Field(default=None, max_length=256)
-
-
-class WindowBody(_Body):
-    pass
 
 
 def _error(exc: errors.AppError) -> JSONResponse:
@@ -117,7 +113,7 @@ def create_app(
     # --- handlers --------------------------------------------------------------------------------
     async def create_session(request: Request) -> Response:
         body = await read_json(request, CreateSessionBody)
-        out = await engine.create_session(body.session_id, body.owner_key, body.cols, body.rows)
+        out = await engine.create_session(body.session_id, body.account, body.cols, body.rows)
         return JSONResponse(out, status_code=201)
 
     async def list_sessions(request: Request) -> Response:
@@ -168,14 +164,6 @@ def create_app(
         await engine.resize(session_id, body.cols, body.rows)
         return Response(status_code=204)
 
-    async def list_windows(request: Request) -> Response:
-        return JSONResponse({"windows": await engine.list_windows(sid(request))})
-
-    async def create_window(request: Request) -> Response:
-        session_id = sid(request)
-        await read_json(request, WindowBody)
-        return JSONResponse(await engine.create_window(session_id), status_code=201)
-
     async def exec_(request: Request) -> Response:
         session_id = sid(request)
         body = await read_json(request, ExecRequest)
@@ -197,8 +185,6 @@ def create_app(
         Route(S + "/input", endpoint(S + "/input", send_input), methods=["POST"]),
         Route(S + "/screen", endpoint(S + "/screen", screen), methods=["GET"]),
         Route(S + "/resize", endpoint(S + "/resize", resize), methods=["POST"]),
-        Route(S + "/windows", endpoint(S + "/windows", list_windows), methods=["GET"]),
-        Route(S + "/windows", endpoint(S + "/windows", create_window), methods=["POST"]),
         Route(S + "/exec", endpoint(S + "/exec", exec_), methods=["POST"]),
         Route("/health", endpoint("/health", health, auth=False), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),

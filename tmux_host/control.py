@@ -25,12 +25,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tmuxi.errors import HostUnavailable
 from tmuxi.observability import logger
 
 CTL_SESSION = "_ctl"
 MAX_COMMAND_LINE = 16 * 1024
+# What the host keeps of one tmux server's output before it gives up on the connection: a line this long, or
+# this much unsent to a server that does not read its commands, means the server (its user's) is hostile or
+# wedged. Replies the host asks for are far smaller.
+MAX_LINE = 1 << 20
+MAX_UNSENT = 1 << 20
 
 NotificationCallback = Callable[[str, str], None]
 
@@ -66,8 +72,8 @@ def tmux_binary() -> str:
 
 def kill_tmux_servers(socket_dir: Path | str) -> None:
     """kill-server every tmux socket under ``socket_dir`` (recursively): their sessions end with them."""
-    for sock in Path(socket_dir).rglob("s*"):
-        if sock.is_socket():
+    for sock in Path(socket_dir).rglob("*"):
+        if sock.is_socket() and not sock.is_symlink():
             subprocess.run([tmux_binary(), "-S", str(sock), "kill-server"],  # noqa: S603
                            capture_output=True, timeout=10, check=False)
 
@@ -143,10 +149,20 @@ class ControlClient:
         start_timeout_s: float = 10.0,
         command_timeout_s: float = 30.0,
         spin_s: float = 0.0,
+        env: dict[str, str] | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        spawn_kwargs: dict[str, Any] | None = None,
+        on_spawned: Callable[[int], None] | None = None,
     ) -> None:
+        """``wrap``/``spawn_kwargs``/``on_spawned``: how to start tmux as a user's account (``accounts.Isolation``):
+        the wrapped command waits for one line on stdin, sent once ``on_spawned(pid)`` has confined it."""
         self.socket_path = str(socket_path)
         self.shell = shell
         self.cwd = cwd
+        self.env = env
+        self.wrap = wrap
+        self.spawn_kwargs = spawn_kwargs or {"start_new_session": True}
+        self.on_spawned = on_spawned
         self.on_notification = on_notification
         self.start_timeout_s = start_timeout_s
         self.command_timeout_s = command_timeout_s
@@ -185,22 +201,22 @@ class ControlClient:
         self._block = None
         self._exit_line = ""
         self._closed_reason = None
-        env = clean_env(self.shell)
+        env = self.env or clean_env(self.shell)
+        argv = [tmux_binary(), "-S", self.socket_path, "-f", "/dev/null", "-C",
+                "new-session", "-A", "-s", CTL_SESSION, "-x", "80", "-y", "24", "exec sleep 2147483647"]
+        if self.wrap is not None:
+            argv = self.wrap(argv)
+        kwargs = {"cwd": self.cwd or env["HOME"], **self.spawn_kwargs}
         # tmux's stdout is a pipe of our own, read by a loop reader callback -- and, right after a command,
         # by `command` itself for a moment (see `_spin`): transports do not expose their pipe.
         out_r, out_w = os.pipe()
         os.set_blocking(out_r, False)
         try:
+            # start_new_session (in spawn_kwargs): not in the host's process group, so Ctrl-C/kill of the host
+            # spare it
             transport, protocol = await loop.subprocess_exec(
-                lambda: _Protocol(self),
-                tmux_binary(), "-S", self.socket_path, "-f", "/dev/null", "-C",
-                "new-session", "-A", "-s", CTL_SESSION, "-x", "80", "-y", "24", "exec sleep 2147483647",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=out_w,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=self.cwd or env["HOME"],
-                start_new_session=True,  # not in the host's process group: Ctrl-C/kill of the host spare it
+                lambda: _Protocol(self), *argv,
+                stdin=asyncio.subprocess.PIPE, stdout=out_w, stderr=asyncio.subprocess.PIPE, env=env, **kwargs,
             )
         except OSError as exc:
             os.close(out_r)
@@ -215,13 +231,19 @@ class ControlClient:
         # (uvloop's pipe transports are not asyncio.WriteTransport subclasses; only write/close are used)
         self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
         try:
+            if self.wrap is not None:  # confine the waiting process, then let it exec tmux
+                pid = transport.get_pid()
+                if self.on_spawned is not None:
+                    self.on_spawned(pid)
+                assert self._stdin is not None
+                self._stdin.write(b"\n")
             # The first block is the reply to the startup command itself (flags 0): consume it.
             await asyncio.wait_for(asyncio.shield(self._startup), self.start_timeout_s)
             # This client only drives commands; it must not receive pane output (it is attached to the
             # hidden _ctl session only). Output streaming will use its own subscription (later issue):
             # notifications, including %output, already reach `on_notification`.
             await self.command("refresh-client -f no-output")
-        except (TimeoutError, ControlClosed, TmuxCommandError) as exc:
+        except (TimeoutError, ControlClosed, TmuxCommandError, OSError) as exc:
             await self.close()
             raise ControlClosed(f"tmux control client for {self.socket_path} failed to start: {exc}") from exc
 
@@ -291,6 +313,9 @@ class ControlClient:
         data = line.encode("utf-8") + b"\n"
         if len(data) > MAX_COMMAND_LINE:
             raise ValueError(f"tmux command line too long ({len(data)} bytes)")
+        if self._stdin.get_write_buffer_size() > MAX_UNSENT:
+            self._abandon(f"tmux is not reading its commands ({MAX_UNSENT} bytes unsent)")
+            raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         # Append and write without any await in between: FIFO order == write order.
         self._pending.append((fut, line))
@@ -310,8 +335,16 @@ class ControlClient:
             timer.cancel()
 
     def _expire(self, fut: asyncio.Future[list[str]]) -> None:
+        """A reply overdue: the server is stopped or wedged (its user can do that to it). Give up on this
+        connection, so every other caller fails now instead of waiting too; the supervisor reconnects."""
         if not fut.done():
-            fut.set_exception(ControlClosed(f"tmux did not answer within {self.command_timeout_s} s"))
+            self._abandon(f"tmux did not answer within {self.command_timeout_s} s")
+
+    def _abandon(self, reason: str) -> None:
+        self._fail_all(reason)
+        if self._transport is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.kill()
 
     async def command(self, line: str) -> list[str]:
         fut = self.submit(line)
@@ -359,6 +392,9 @@ class ControlClient:
             start = nl + 1
         if start:
             del buf[:start]
+        if len(buf) > MAX_LINE:
+            buf.clear()
+            self._abandon(f"tmux sent a line of over {MAX_LINE} bytes")
 
     def _on_line(self, line: str) -> None:
         block = self._block

@@ -1,11 +1,17 @@
-"""The terminal engine: sharded tmux servers driven through control-mode clients.
+"""The terminal engine: each user's sessions on a tmux server of their own (``server.UserServer``), run as their
+own OS account (``accounts``), driven through control-mode clients.
 
 Rules that keep user text away from tmux's command parser:
-- targets are only ids the host generated (``$N`` session ids, ``%N`` pane ids, ``@N`` window ids);
+- targets are only ids tmux gave the host (``$N`` session ids, ``%N`` pane ids, ``@N`` window ids);
 - input goes as ``send-keys -H <hex bytes>`` (raw bytes, nothing parsed) or validated key names;
 - nothing user-controlled comes back through the control channel: screens are captured into a tmux buffer
-  saved to a file in a private 0700 directory; formats with user-influenced fields use ``#{q:...}``;
-- exec writes the user's command to a file the host creates itself and types a fixed wrapper line.
+  saved to a file the host made; formats with user-influenced fields use ``#{q:...}``;
+- exec writes the user's command to a file the host creates itself and types a fixed wrapper line (``exec.py``).
+
+And the rules that keep one user from another: a user's tmux server, its replies and every file its processes
+write are that user's to forge, so the host bounds every wait on them, never blocks on them, and believes about
+them only what its own records confirm (it adopts only sessions the system of record knows, on the server of the
+account that owns them).
 """
 from __future__ import annotations
 
@@ -14,16 +20,17 @@ import contextlib
 import itertools
 import os
 import re
-import stat
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
-from tmux_host.control import ControlClient, ControlClosed, TmuxCommandError, quote
+from tmux_host.accounts import Isolation, check_reachable, ensure_dir
+from tmux_host.control import CTL_SESSION, ControlClosed, TmuxCommandError, quote
+from tmux_host.exec import ExecChannel, make_file, read_private_file
+from tmux_host.server import HISTORY_LIMIT, UserServer
 from tmuxi import errors
 from tmuxi.host_client import HostFull, HostInfo
 from tmuxi.models import KEY_NAME, ExecResult, ScreenResponse
@@ -38,77 +45,46 @@ from tmuxi.observability import (
 from tmuxi.settings import Settings, env_name
 
 SESSION_NAME = re.compile(r"^t([0-9a-f]{32})$")
+ACCOUNT_DIR = re.compile(r"^a([1-9][0-9]{0,9})$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9/_.+-]+$")
 MAX_SOCKET_PATH = 100
 # Bytes per `send-keys -H` line. tmux 3.3a parses send-keys arguments in quadratic time (4096 hex args:
 # ~100 ms, 256: ~0.3 ms), so -H lines stay short and bigger inputs take the paste path below.
 HEX_CHUNK = 256
-# Inputs above this go `load-buffer` (from a file the host wrote in its private dir) + `paste-buffer -d -r`:
-# byte-exact, O(n), still no user byte on a command line (64 KB in ~0.5 ms).
+# Inputs above this go `load-buffer` (from a file the host wrote) + `paste-buffer -d -r`: byte-exact, O(n),
+# still no user byte on a command line (64 KB in ~0.5 ms).
 PASTE_MIN = 257
-HISTORY_LIMIT = 5000
+MAX_SCREEN_BYTES = 16 << 20
 
 
 class Registry(Protocol):  # what tmuxi.registry provides (module or object)
     def heartbeat(self, info: HostInfo) -> Any: ...
-    def reconcile_host(self, host_id: str, present: set[UUID]) -> set[UUID]: ...
+    def reconcile_host(self, host_id: str, present: set[tuple[UUID, int]]) -> dict[UUID, int]: ...
     def sessions_exited(self, host_id: str, session_ids: set[UUID]) -> None: ...
 
 
 @dataclass
 class SessionRec:
     session_id: UUID
-    shard: int
+    account: int
     tmux_name: str
     tmux_id: str  # "$N"
     pane_id: str  # "%N" (the primary pane: first window, first pane)
     pid: int | None = None
-    windows: int = 1
     exec_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def public(self) -> dict[str, Any]:
-        return {
-            "session_id": str(self.session_id), "shard": self.shard, "tmux_name": self.tmux_name,
-            "pane_id": self.pane_id, "windows": self.windows,
-        }
+        return {"session_id": str(self.session_id), "account": self.account, "tmux_name": self.tmux_name,
+                "pane_id": self.pane_id}
 
 
 @dataclass
-class Shard:
-    index: int
-    socket_path: Path
-    ctl: ControlClient
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    supervisor: asyncio.Task[None] | None = None
+class _Listing:
+    """One read of a server: our candidates (``t<uuid>`` sessions with their primary pane) and how many other
+    sessions its user made from a shell."""
 
-
-def shard_for(owner_key: str, shards: int) -> int:
-    """Stable across processes and restarts (crc32, never Python's salted hash())."""
-    return zlib.crc32(owner_key.encode("utf-8")) % shards
-
-
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` as a 0700 directory owned by us; repair a too-open mode; refuse a foreign owner,
-    a symlink or a non-directory."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise RuntimeError(f"{path} is not a directory (symlink or file); refusing to use it")
-    if st.st_uid != os.getuid():
-        raise RuntimeError(f"{path} is owned by uid {st.st_uid}, not us ({os.getuid()}); refusing to use it")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        logger.warning("repairing mode of private directory", extra={"path": str(path),
-                                                                      "mode": oct(stat.S_IMODE(st.st_mode))})
-        os.chmod(path, 0o700)
-
-
-def default_terminal() -> str:
-    """tmux-256color when its terminfo entry is installed, else the always-available screen-256color."""
-    for d in ("/usr/share/terminfo", "/lib/terminfo", "/etc/terminfo", "/usr/lib/terminfo"):
-        if os.path.exists(f"{d}/t/tmux-256color"):
-            return "tmux-256color"
-    return "screen-256color"
+    sessions: dict[UUID, tuple[str, str, int]]  # session id -> (tmux id, pane id, pane pid)
+    extra: int
 
 
 def shell_state(pid: int) -> str:
@@ -116,10 +92,10 @@ def shell_state(pid: int) -> str:
     /proc/PID/stat), an interactive shell with no job in the foreground. ``starting``: it has no controlling
     terminal yet (just forked). ``busy``: anything else (a job runs in the foreground, or the process is gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return "busy"
-    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty_nr tpgid
+    fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty_nr tpgid
     if int(fields[4]) == 0 or int(fields[5]) <= 0:
         return "starting"
     return "prompt" if int(fields[2]) == pid and int(fields[5]) == pid else "busy"
@@ -141,21 +117,24 @@ class Engine:
         self.host_id = settings.host_id
         self.base_dir = settings.resolved_socket_dir
         self.host_dir = self.base_dir / self.host_id
-        self.work_dir = self.host_dir / "x"  # exec scripts/outputs and screen captures
         self.shell = settings.shell
         self.started_at = time.time()
-        self.shards: list[Shard] = []
+        self.isolation: Isolation | None = None
+        self.servers: dict[int, UserServer] = {}
+        self.extra_sessions: dict[int, int] = {}  # account -> tmux sessions its user made from a shell
         self._sessions: dict[UUID, SessionRec] = {}
-        self._creating: set[UUID] = set()
+        self._creating: dict[UUID, int] = {}
+        self._locks: dict[int, asyncio.Lock] = {}  # per account: start / stop of its server, creates on it
         self._counter = itertools.count(1)
         # Bumped on every create/drop: a refresh whose listing raced a create or a kill leaves those alone.
         self._change_seq = 0
         self._changed_at: dict[UUID, int] = {}
+        self._started = False  # adoption done: until then no refresh may judge a server unused
         self._stopping = False
-        self._bg: list[asyncio.Task[None]] = []
-        self._refreshing: set[int] = set()
+        self._bg: set[asyncio.Task[Any]] = set()
         self._gauge = ACTIVE_SESSIONS.labels(host=self.host_id)
-        self.on_notification: Callable[[int, str, str], None] | None = None  # seam for output streaming
+        # Output streaming (later issue) subscribes here: (account, notification name, args).
+        self.on_notification: Callable[[int, str, str], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _check_paths(self) -> None:
@@ -164,121 +143,149 @@ class Engine:
             raise RuntimeError(
                 f"{env_name('socket_dir')}={base!r} must be an absolute path made of [A-Za-z0-9/_.+-] only"
             )
-        longest = str(self.host_dir / f"s{self.settings.host_shards - 1}")
+        longest = str(self.host_dir / f"a{'9' * 10}" / "tmux")
         if len(longest.encode()) >= MAX_SOCKET_PATH:
             raise RuntimeError(
-                f"tmux socket path {longest!r} is {len(longest.encode())} bytes; unix socket paths must be "
+                f"tmux socket paths like {longest!r} are {len(longest.encode())} bytes; unix socket paths must be "
                 f"< {MAX_SOCKET_PATH}: set {env_name('socket_dir')} to a shorter directory"
             )
 
-    def socket_path(self, index: int) -> Path:
-        return self.host_dir / f"s{index}"
-
     async def start(self, *, background: bool = True) -> None:
         self._check_paths()
+        self.isolation = Isolation.probe(self.settings)
         self.base_dir.parent.mkdir(parents=True, exist_ok=True)
-        for d in (self.base_dir, self.host_dir, self.work_dir):
-            ensure_private_dir(d)
-        self._clean_work_dir()
-        for i in range(self.settings.host_shards):
-            shard = Shard(i, self.socket_path(i), self._new_ctl(i))
-            self.shards.append(shard)
-        results = await asyncio.gather(*(self._connect(s) for s in self.shards), return_exceptions=True)
-        for shard, res in zip(self.shards, results, strict=True):
-            if isinstance(res, BaseException):
-                logger.error("tmux shard failed to start", extra={"shard": shard.index, "error": repr(res)})
-        await self._reconcile_registry()
+        # Traversable (not listable) by the accounts: each reaches its own 0700 / 0710 directory below.
+        for d in (self.base_dir, self.host_dir, self.host_dir / "x"):
+            ensure_dir(d, 0o711)
+        if self.isolation.accounts:
+            check_reachable(self.base_dir)
+            check_reachable(self.settings.resolved_home_dir)
+        await self._adopt_existing()
+        self._started = True
         if background:
-            for shard in self.shards:
-                shard.supervisor = asyncio.create_task(self._supervise(shard), name=f"shard-{shard.index}")
-            self._bg.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+            self._spawn(self._heartbeat_loop(), "heartbeat")
+            self._spawn(self._refresh_loop(), "refresh")
         logger.info("tmux host engine started", extra={
-            "host_id": self.host_id, "shards": len(self.shards), "sessions": len(self._sessions)})
+            "host_id": self.host_id, "servers": len(self.servers), "sessions": len(self._sessions),
+            "isolation": self.isolation.describe()})
 
     async def stop(self, *, kill_servers: bool = False) -> None:
-        """Detach from the tmux servers. Sessions keep running (they outlive the host) unless
-        ``kill_servers``."""
+        """Detach from the tmux servers. Sessions keep running (they outlive the host) unless ``kill_servers``."""
         self._stopping = True
-        tasks = self._bg + [s.supervisor for s in self.shards if s.supervisor]
-        for t in tasks:
+        for t in list(self._bg):
             t.cancel()
-        for t in tasks:
+        for t in list(self._bg):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        for shard in self.shards:
-            if kill_servers and shard.ctl.alive:
-                with contextlib.suppress(Exception):
-                    fut = shard.ctl.submit("kill-server")
-                    fut.add_done_callback(lambda f: f.exception())  # reply may never come: server exits
-                    await asyncio.wait_for(shard.ctl.wait_closed(), 2.0)
-            await shard.ctl.close()
+        await asyncio.gather(*(s.stop(kill=kill_servers) for s in self.servers.values()), return_exceptions=True)
 
-    def _new_ctl(self, index: int) -> ControlClient:
-        def note(name: str, args: str) -> None:
-            if name == "sessions-changed":  # a session appeared or went away (a shell exited?): re-read it
-                self._schedule_refresh(index)
-            # Output streaming (later issue) subscribes through `on_notification`.
-            if self.on_notification is not None:
-                self.on_notification(index, name, args)
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
 
-        return ControlClient(self.socket_path(index), shell=self.shell, on_notification=note,
-                             spin_s=self.settings.control_spin_us / 1e6)
+    def _iso(self) -> Isolation:
+        if self.isolation is None:
+            raise errors.HostUnavailable("the tmux host is starting")
+        return self.isolation
 
-    async def _connect(self, shard: Shard) -> None:
-        """(Re)attach to a shard's tmux server (starting it if needed), set options, adopt its sessions."""
-        async with shard.lock:
-            if shard.ctl.alive:
-                return
-            await shard.ctl.start()
-            # Global options, before any session is created. NB: do NOT set window-size globally:
-            # tmux 3.3a crashes on new-session with a global `window-size manual` (resize-window sets
-            # it per window instead).
-            await shard.ctl.commands([
-                f"set-option -g default-shell {quote(self.shell)}",
-                f"set-option -g history-limit {HISTORY_LIMIT}",
-                "set-option -g allow-rename off",
-                "set-option -g exit-empty off",
-                f"set-option -g default-terminal {quote(default_terminal())}",
-            ])
-            exited = await self._adopt(shard)
-        await self._report_exited(exited)  # sessions whose shell exited while we were not connected
+    def _lock(self, account: int) -> asyncio.Lock:
+        lock = self._locks.get(account)
+        if lock is None:
+            lock = self._locks[account] = asyncio.Lock()
+        return lock
 
-    async def _ctl(self, index: int) -> ControlClient:
-        shard = self.shards[index]
-        if not shard.ctl.alive:
+    def _server_for(self, account: int) -> UserServer:
+        server = self.servers.get(account)
+        if server is None or server.stopping:
+            iso = self._iso()
+            server = UserServer(self.settings, iso, iso.account(account), self.host_dir, self._note,
+                                self._lock(account))
+            self.servers[account] = server
+        return server
+
+    def _note(self, server: UserServer, name: str, args: str) -> None:
+        if name == "sessions-changed":  # a session appeared or went away (a shell exited?): re-read it
+            self._schedule_refresh(server)
+        if self.on_notification is not None:
+            self.on_notification(server.account.number, name, args)
+
+    async def _ensure_server(self, account: int) -> UserServer:
+        """The account's server, started (as the account) if it is not running. Call with its lock held."""
+        server = self._server_for(account)
+        if not server.alive:
             try:
-                await self._connect(shard)
+                await server.connect()
             except ControlClosed as exc:
-                raise errors.HostUnavailable(f"tmux shard {index} is down: {exc.message}") from exc
-        return shard.ctl
+                raise errors.HostUnavailable(f"could not start the tmux server: {exc.message}") from exc
+            server.start_supervising(self._on_reconnect)
+        return server
 
-    async def _supervise(self, shard: Shard) -> None:
-        delay = 0.2
-        while not self._stopping:
-            await shard.ctl.wait_closed()
-            if self._stopping:
-                return
-            if shard.ctl.alive:
-                await asyncio.sleep(0.05)
+    async def _on_reconnect(self, server: UserServer) -> None:
+        await self._refresh_server(server)
+
+    async def _server(self, rec: SessionRec) -> UserServer:
+        server = self.servers.get(rec.account)
+        if server is None or not server.alive:
+            async with self._lock(rec.account):
+                server = await self._ensure_server(rec.account)
+        return server
+
+    # --- adoption: only what the system of record knows --------------------------------------------
+    async def _adopt_existing(self) -> None:
+        """After a restart: attach to the servers found in the host's directory, and adopt the sessions on them
+        that the registry says are live on this host *and* owned by that server's account. ``t<uuid>`` sessions
+        it does not confirm (orphans of a failed create, or made from a shell to look like ours) are killed; any
+        other session a user made is theirs, and counted against their quota (``extra_sessions``)."""
+        iso = self._iso()
+        found: dict[int, _Listing] = {}
+        for entry in sorted(os.scandir(self.host_dir), key=lambda e: e.name):
+            m = ACCOUNT_DIR.match(entry.name)
+            if not m or not entry.is_dir(follow_symlinks=False):
                 continue
-            logger.warning("tmux shard control connection lost; reconnecting", extra={"shard": shard.index})
-            ERRORS.labels(component="host", kind="shard_down").inc()
-            await asyncio.sleep(delay)
+            account = iso.account(int(m.group(1)))
+            st = os.lstat(entry.path)
+            sock = Path(entry.path) / "tmux"
+            if (iso.accounts and st.st_uid != account.uid) or not sock.is_socket():
+                continue  # not one of ours, or no server to attach to
+            server = self._server_for(account.number)
             try:
-                await self._connect(shard)
-                delay = 0.2
+                async with self._lock(account.number):
+                    await server.connect()
+                found[account.number] = await self._list(server)
+            except (ControlClosed, TmuxCommandError, OSError) as exc:
+                logger.error("could not attach to a tmux server", extra={"account": entry.name, "error": str(exc)})
+        present = {(sid, acct) for acct, listing in found.items() for sid in listing.sessions}
+        adopt: dict[UUID, int] = dict(present)
+        reconciled = True
+        if self.registry is not None:
+            try:
+                adopt = await asyncio.to_thread(self.registry.reconcile_host, self.host_id, present)
             except Exception as exc:
-                logger.error("tmux shard reconnect failed", extra={"shard": shard.index, "error": str(exc)})
-                delay = min(delay * 2, 10.0)
+                logger.error("registry reconcile failed; adopting nothing, killing nothing", extra={"error": str(exc)})
+                adopt, reconciled = {}, False
+        else:
+            logger.warning("no registry: adopting every session found unchecked (development and tests only)")
+        for acct, listing in found.items():
+            server = self.servers[acct]
+            for sid, (tmux_id, pane, pid) in listing.sessions.items():
+                if adopt.get(sid) == acct:
+                    self._sessions[sid] = SessionRec(sid, acct, "t" + sid.hex, tmux_id, pane, pid)
+                elif reconciled:
+                    logger.info("killing a tmux session the registry does not confirm", extra={"session_id": str(sid)})
+                    with contextlib.suppress(Exception):
+                        await server.ctl.command(f"kill-session -t {quote(tmux_id)}")
+            self.extra_sessions[acct] = listing.extra
+            if self._in_use(acct):
+                server.start_supervising(self._on_reconnect)
+            else:
+                await self._stop_server(acct)
+        self._gauge.set(len(self._sessions))
 
-    # --- session map -------------------------------------------------------------------------------
-    async def _adopt(self, shard: Shard) -> set[UUID]:
-        """Rebuild the map for one shard from tmux itself (called on (re)connect and refresh). Returns the
-        sessions it dropped because tmux no longer has them (their shell exited)."""
-        ctl = shard.ctl
-        seq = self._change_seq
-        sessions, panes = await ctl.commands([
-            "list-sessions -F 'L#{session_id} #{session_windows} #{q:session_name}'",
+    async def _list(self, server: UserServer) -> _Listing:
+        sessions, panes = await server.ctl.commands([
+            "list-sessions -F 'L#{session_id} #{q:session_name}'",
             "list-panes -a -F 'P#{session_id} #{window_index} #{pane_index} #{pane_id} #{pane_pid}'",
         ])
         if isinstance(sessions, BaseException):
@@ -288,103 +295,97 @@ class Engine:
         first_pane: dict[str, tuple[int, int, str, int]] = {}
         for line in panes:
             parts = line.split(" ")
-            if len(parts) != 5 or not line.startswith("P"):
+            if len(parts) != 5 or not line.startswith("P") or not (parts[1] + parts[2] + parts[4]).isdigit():
                 continue
             sid, widx, pidx, pane, pid = parts[0][1:], int(parts[1]), int(parts[2]), parts[3], int(parts[4])
             cur = first_pane.get(sid)
             if cur is None or (widx, pidx) < (cur[0], cur[1]):
                 first_pane[sid] = (widx, pidx, pane, pid)
-        present: set[UUID] = set()
+        out: dict[UUID, tuple[str, str, int]] = {}
+        extra = 0
         for line in sessions:
-            parts = line.split(" ", 2)
-            if len(parts) != 3 or not line.startswith("L"):
+            parts = line.split(" ", 1)
+            if len(parts) != 2 or not line.startswith("L"):
                 continue
-            tmux_id, nwin, name = parts[0][1:], int(parts[1]), _unq(parts[2])
+            tmux_id, name = parts[0][1:], _unq(parts[1])
             m = SESSION_NAME.match(name)
-            if not m or tmux_id not in first_pane:
-                continue
-            uid = UUID(m.group(1))
-            if self._changed_at.get(uid, -1) > seq:
-                continue  # created or killed while this listing was in flight
-            present.add(uid)
-            _, _, pane, pid = first_pane[tmux_id]
-            rec = self._sessions.get(uid)
-            if rec is None or rec.shard != shard.index:
-                self._sessions[uid] = SessionRec(uid, shard.index, name, tmux_id, pane, pid, nwin)
-            else:
-                rec.tmux_id, rec.pane_id, rec.pid, rec.windows = tmux_id, pane, pid, nwin
-        exited: set[UUID] = set()
-        for uid in [u for u, r in self._sessions.items() if r.shard == shard.index and u not in present]:
-            if uid in self._creating or self._changed_at.get(uid, -1) > seq:
-                continue
-            del self._sessions[uid]
-            exited.add(uid)
-            SESSIONS_CLEANED.labels(host=self.host_id, reason="exited").inc()
-        self._gauge.set(len(self._sessions))
-        return exited
+            if m and tmux_id in first_pane:
+                _, _, pane, pid = first_pane[tmux_id]
+                out[UUID(m.group(1))] = (tmux_id, pane, pid)
+            elif name != CTL_SESSION:
+                extra += 1
+        return _Listing(out, extra)
 
-    async def refresh(self) -> None:
-        """Re-read every live shard (drops sessions whose shell exited, adopts unknown ones)."""
-        for shard in self.shards:
-            await self._refresh_shard(shard)
-
-    async def _refresh_shard(self, shard: Shard) -> None:
-        if not shard.ctl.alive:
+    # --- keeping the map true ----------------------------------------------------------------------
+    async def _refresh_server(self, server: UserServer) -> None:
+        """Re-read one server: drop our sessions it no longer has (their shell exited), count the sessions its
+        user made from a shell (never adopted: a ``t<uuid>`` one we did not create counts as theirs too)."""
+        acct = server.account.number
+        if server.refreshing or not server.alive:
             return
+        server.refreshing = True
         try:
-            exited = await self._adopt(shard)
+            seq = self._change_seq
+            listing = await self._list(server)
         except (ControlClosed, TmuxCommandError) as exc:
-            logger.warning("shard refresh failed", extra={"shard": shard.index, "error": str(exc)})
+            logger.warning("tmux server refresh failed", extra={"account": server.account.name, "error": str(exc)})
             return
+        finally:
+            server.refreshing = False
+        extra = listing.extra
+        for sid, (tmux_id, pane, pid) in listing.sessions.items():
+            rec = self._sessions.get(sid)
+            if rec is not None and rec.account == acct:
+                rec.tmux_id, rec.pane_id, rec.pid = tmux_id, pane, pid
+            elif sid not in self._creating:
+                extra += 1
+        self.extra_sessions[acct] = extra
+        exited: set[UUID] = set()
+        for sid in [s for s, r in self._sessions.items() if r.account == acct and s not in listing.sessions]:
+            if sid in self._creating or self._changed_at.get(sid, -1) > seq:
+                continue  # created or killed while this listing was in flight
+            self._drop(self._sessions[sid], "exited")
+            exited.add(sid)
         await self._report_exited(exited)
+        await self._stop_if_unused(acct)
 
-    def _schedule_refresh(self, index: int) -> None:
-        """Re-read one shard soon (a burst of notifications makes one refresh)."""
-        if self._stopping or index in self._refreshing or index >= len(self.shards):
+    async def refresh(self, timeout_s: float | None = None) -> None:
+        """Re-read every server, concurrently: a stopped one delays nobody (bounded by ``timeout_s``)."""
+        tasks = [self._spawn(self._refresh_server(s), f"refresh-{a}") for a, s in list(self.servers.items())]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    def _schedule_refresh(self, server: UserServer) -> None:
+        """Re-read one server soon (a burst of notifications makes one refresh)."""
+        if self._stopping or not self._started or server.refreshing:
             return
-        self._refreshing.add(index)
 
         async def run() -> None:
-            try:
-                await asyncio.sleep(0.02)
-                await self._refresh_shard(self.shards[index])
-            finally:
-                self._refreshing.discard(index)
+            await asyncio.sleep(0.02)
+            await self._refresh_server(server)
 
-        task = asyncio.get_running_loop().create_task(run(), name=f"refresh-{index}")
-        self._bg.append(task)
-        task.add_done_callback(lambda t: self._bg.remove(t) if t in self._bg else None)
+        self._spawn(run(), f"refresh-{server.account.name}")
+
+    async def _refresh_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            for server in list(self.servers.values()):
+                if not server.refreshing:
+                    self._spawn(self._refresh_server(server), f"refresh-{server.account.name}")
 
     async def _report_exited(self, exited: set[UUID]) -> None:
         """Tell the registry about sessions whose shell exited, so the record says so at once."""
         if not exited or self.registry is None:
             return
-        report = getattr(self.registry, "sessions_exited", None)
-        if report is None:
-            return
         try:
-            await asyncio.to_thread(report, self.host_id, exited)
+            await asyncio.to_thread(self.registry.sessions_exited, self.host_id, exited)
         except Exception as exc:  # the next start's reconcile marks them lost instead
             logger.warning("could not record exited sessions", extra={"count": len(exited), "error": str(exc)})
         else:
             logger.info("sessions exited", extra={"count": len(exited)})
 
-    async def _reconcile_registry(self) -> None:
-        if self.registry is None:
-            return
-        present = set(self._sessions)
-        try:
-            reconcile = getattr(self.registry, "reconcile_host", None) or self.registry.reconcile  # type: ignore[attr-defined]
-            orphans = await asyncio.to_thread(reconcile, self.host_id, present)
-        except Exception as exc:
-            logger.error("registry reconcile failed; keeping every session", extra={"error": str(exc)})
-            return
-        for uid in set(orphans or ()) & present:
-            logger.info("killing orphan session", extra={"session_id": str(uid)})
-            with contextlib.suppress(errors.AppError):
-                await self.kill_session(uid, reason="orphan")
-
     async def _heartbeat_loop(self) -> None:
+        """Only the registry: nothing a user's server does can delay it."""
         while not self._stopping:
             if self.registry is not None:
                 try:
@@ -393,11 +394,11 @@ class Engine:
                     ERRORS.labels(component="host", kind="heartbeat").inc()
                     logger.warning("registry heartbeat failed", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self.refresh()
 
     def host_info(self) -> HostInfo:
+        extra = {a: n for a, n in self.extra_sessions.items() if n}
         return HostInfo(self.host_id, self.settings.advertised_host_url, self.settings.host_capacity,
-                        len(self._sessions), self.started_at)
+                        len(self._sessions), self.started_at, extra)
 
     def _get(self, session_id: UUID) -> SessionRec:
         rec = self._sessions.get(session_id)
@@ -419,12 +420,29 @@ class Engine:
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
 
+    def _in_use(self, account: int) -> bool:
+        return any(r.account == account for r in self._sessions.values()) or account in self._creating.values()
+
+    async def _stop_if_unused(self, account: int) -> None:
+        if account not in self.servers or self._in_use(account):
+            return
+        async with self._lock(account):  # a create for this account waits, then starts a new server
+            if account in self.servers and not self._in_use(account):
+                await self._stop_server(account)
+
+    async def _stop_server(self, account: int) -> None:
+        """The account has no session left: end its server and whatever it left running (its cgroup)."""
+        server = self.servers.pop(account, None)
+        if server is not None:
+            await server.stop(kill=True)
+        self.extra_sessions.pop(account, None)
+
     async def _run(self, rec: SessionRec, make: Callable[[SessionRec], list[str]]) -> list[list[str]]:
         """Run commands targeting a session; on "can't find" re-resolve its primary pane once (the first
         pane may have exited while the session lives on) or drop it and raise NotFound."""
         for attempt in (0, 1):
-            ctl = await self._ctl(rec.shard)
-            results = await ctl.commands(make(rec))
+            server = await self._server(rec)
+            results = await server.ctl.commands(make(rec))
             failure = next((r for r in results if isinstance(r, BaseException)), None)
             if failure is None:
                 return results  # type: ignore[return-value]
@@ -439,18 +457,17 @@ class Engine:
         raise AssertionError("unreachable")
 
     async def _reresolve(self, rec: SessionRec) -> bool:
-        ctl = await self._ctl(rec.shard)
+        server = await self._server(rec)
         try:
-            lines = await ctl.command(
-                f"list-panes -s -t {quote(rec.tmux_id)} "
-                "-F 'P#{window_index} #{pane_index} #{pane_id} #{pane_pid}'"
-            )
+            lines = await server.ctl.command(f"list-panes -s -t {quote(rec.tmux_id)} "
+                                             "-F 'P#{window_index} #{pane_index} #{pane_id} #{pane_pid}'")
         except TmuxCommandError:
             self._drop(rec, "exited")
             return False
         panes = sorted(
             (int(p[0][1:]), int(p[1]), p[2], int(p[3]))
-            for p in (line.split(" ") for line in lines) if len(p) == 4 and p[0].startswith("P")
+            for p in (line.split(" ") for line in lines)
+            if len(p) == 4 and p[0].startswith("P") and (p[0][1:] + p[1] + p[3]).isdigit()
         )
         if not panes or panes[0][2] == rec.pane_id:
             return False
@@ -462,57 +479,59 @@ class Engine:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    async def create_session(self, session_id: UUID, owner_key: str, cols: int, rows: int) -> dict[str, Any]:
+    async def create_session(self, session_id: UUID, account: int, cols: int, rows: int) -> dict[str, Any]:
         if session_id in self._sessions or session_id in self._creating:
             raise errors.Conflict(f"session {session_id} already exists on this host")
         if len(self._sessions) + len(self._creating) >= self.settings.host_capacity:
-            raise HostFull(f"host {self.host_id} is at capacity ({self.settings.host_capacity} sessions)")
-        index = shard_for(owner_key, len(self.shards))
+            raise HostFull("this tmux host is at capacity")
         name = "t" + session_id.hex
-        self._creating.add(session_id)
+        self._creating[session_id] = account
         try:
-            ctl = await self._ctl(index)
-            try:
-                lines = await ctl.command(
-                    f"new-session -d -s {name} -x {int(cols)} -y {int(rows)} "
-                    f"-e TMUXI_SESSION_ID={session_id} "
-                    "-P -F 'N#{session_id} #{window_id} #{pane_id} #{pane_pid}'"
-                )
-            except TmuxCommandError as exc:
-                if "duplicate session" in exc.text:
-                    raise errors.Conflict(f"session {session_id} already exists on this host") from exc
-                ERRORS.labels(component="host", kind="create_failed").inc()
-                raise errors.AppError(f"could not create the session: {exc}") from exc
-            except ControlClosed as exc:
-                raise errors.HostUnavailable(exc.message) from exc
+            async with self._lock(account):
+                server = await self._ensure_server(account)
+                try:
+                    lines = await server.ctl.command(
+                        f"new-session -d -s {name} -x {int(cols)} -y {int(rows)} "
+                        f"-c {quote(str(server.account.home))} -e TMUXI_SESSION_ID={session_id} "
+                        "-P -F 'N#{session_id} #{window_id} #{pane_id} #{pane_pid}'"
+                    )
+                except TmuxCommandError as exc:
+                    if "duplicate session" in exc.text:
+                        raise errors.Conflict(f"session {session_id} already exists on this host") from exc
+                    ERRORS.labels(component="host", kind="create_failed").inc()
+                    logger.warning("tmux new-session failed", extra={"error": exc.text[:200]})
+                    raise errors.AppError("tmux could not create the session") from exc
+                except ControlClosed as exc:
+                    raise errors.HostUnavailable(exc.message) from exc
             parts = next((ln.split(" ") for ln in lines if ln.startswith("N$")), None)
-            if parts is None or len(parts) != 4:
+            if parts is None or len(parts) != 4 or not parts[3].isdigit():
                 raise errors.AppError("unexpected reply from tmux new-session")
-            rec = SessionRec(session_id, index, name, parts[0][1:], parts[2], int(parts[3]), 1)
+            rec = SessionRec(session_id, account, name, parts[0][1:], parts[2], int(parts[3]))
             self._sessions[session_id] = rec
             self._mark_changed(session_id)
         finally:
-            self._creating.discard(session_id)
+            self._creating.pop(session_id, None)
         SESSIONS_CREATED.labels(host=self.host_id).inc()
         self._gauge.set(len(self._sessions))
-        return {"session_id": str(session_id), "shard": index, "tmux_name": name, "pane_id": rec.pane_id,
+        return {"session_id": str(session_id), "account": account, "tmux_name": name, "pane_id": rec.pane_id,
                 "pid": rec.pid}
 
     async def list_sessions(self) -> list[dict[str, Any]]:
-        await self.refresh()
+        await self.refresh(timeout_s=1.0)
         return [rec.public() for rec in self._sessions.values()]
 
     async def kill_session(self, session_id: UUID, *, reason: str = "killed") -> None:
         rec = self._get(session_id)
-        ctl = await self._ctl(rec.shard)
+        server = await self._server(rec)
         try:
-            await ctl.command(f"kill-session -t {quote(rec.tmux_id)}")
+            await server.ctl.command(f"kill-session -t {quote(rec.tmux_id)}")
         except TmuxCommandError as exc:
             if not _not_found(exc):
                 raise errors.AppError(str(exc)) from exc
         except ControlClosed as exc:
             raise errors.HostUnavailable(exc.message) from exc
         self._drop(rec, reason)
+        self._spawn(self._stop_if_unused(rec.account), f"stop-{rec.account}")
 
     # --- input -------------------------------------------------------------------------------------
     @staticmethod
@@ -531,10 +550,24 @@ class Engine:
                 lines.append(f"send-keys -t {target} " + " ".join(keys[off:off + 128]))
         return lines
 
+    def _check_backlog(self, rec: SessionRec) -> None:
+        """Text for a program that does not read it piles up in the user's tmux server: refuse more once the
+        server holds ``user_tmux_memory_mb`` (keys such as C-c still pass)."""
+        server = self.servers.get(rec.account)
+        used = server.memory_used() if server is not None else None
+        limit = self.settings.user_tmux_memory_mb << 20
+        if used is not None and used > limit:
+            raise errors.InputBacklog(
+                f"this user's tmux server holds {used >> 20} MB (limit {limit >> 20} MB): a program is not reading "
+                "its input. Send keys (C-c) to stop it, or delete sessions."
+            )
+
     async def send_input(self, session_id: UUID, data: bytes | None = None, keys: list[str] | None = None) -> None:
         rec = self._get(session_id)
         if data is not None and len(data) > self.settings.max_input_bytes:
             raise errors.PayloadTooLarge(f"input is over {self.settings.max_input_bytes} bytes")
+        if data:
+            self._check_backlog(rec)
         if data is not None and len(data) >= PASTE_MIN:
             self.input_commands(rec.pane_id, None, keys)  # validate keys before anything is sent
             await self._paste(rec, data, keys)
@@ -543,10 +576,10 @@ class Engine:
         if not lines:
             return
         if len(lines) == 1:  # fast path: one round trip, no list/gather overhead
-            ctl = self.shards[rec.shard].ctl
-            if ctl.alive:
+            server = self.servers.get(rec.account)
+            if server is not None and server.alive:
                 try:
-                    await ctl.command(lines[0])
+                    await server.ctl.command(lines[0])
                     return
                 except TmuxCommandError as exc:
                     if not _not_found(exc):
@@ -555,13 +588,18 @@ class Engine:
                     pass
         await self._run(rec, lambda r: self.input_commands(r.pane_id, data, keys))
 
+    def _exchange(self, rec: SessionRec) -> Path:
+        server = self.servers.get(rec.account)
+        if server is None:
+            raise errors.HostUnavailable("the session's tmux server is not running")
+        return server.exchange_dir
+
     async def _paste(self, rec: SessionRec, data: bytes, keys: list[str] | None) -> None:
         n = next(self._counter)
         buf = f"tmuxi_i{n}"
-        path = self.work_dir / f"i{n}-{uuid4().hex[:16]}.bin"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        await self._server(rec)
+        path = self._exchange(rec) / f"i{n}-{uuid4().hex}"
+        make_file(path, data)
         ok = False
         try:
             await self._run(rec, lambda r: [
@@ -575,9 +613,9 @@ class Engine:
                 path.unlink()
             if not ok:
                 with contextlib.suppress(Exception):
-                    ctl = self.shards[rec.shard].ctl
-                    if ctl.alive:
-                        await ctl.commands([f"delete-buffer -b {buf}"])
+                    server = self.servers.get(rec.account)
+                    if server is not None and server.alive:
+                        await server.ctl.commands([f"delete-buffer -b {buf}"])
 
     # --- screen ------------------------------------------------------------------------------------
     async def screen(self, session_id: UUID, *, escapes: bool = False, history: int = 0) -> ScreenResponse:
@@ -585,7 +623,9 @@ class Engine:
         history = max(0, min(int(history), HISTORY_LIMIT))
         n = next(self._counter)
         buf = f"tmuxi_c{n}"
-        path = self.work_dir / f"c{n}-{uuid4().hex}.txt"
+        await self._server(rec)
+        path = self._exchange(rec) / f"c{n}-{uuid4().hex}"
+        make_file(path, mode=0o622)  # the account's tmux writes it; only the host could have made it
 
         def make(r: SessionRec) -> list[str]:
             opts = (" -e" if escapes else "") + (f" -S -{history}" if history else "")
@@ -599,50 +639,22 @@ class Engine:
 
         try:
             results = await self._run(rec, make)
-            raw = path.read_bytes()
+            raw = await asyncio.to_thread(read_private_file, path, MAX_SCREEN_BYTES)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         info = next((ln for ln in results[3] if ln.startswith("V")), "V0 0 0 0")[1:].split(" ")
-        cx, cy, w, h = (int(x) for x in info)
+        cx, cy, w, h = (int(x) if x.isdigit() else 0 for x in (info + ["0"] * 4)[:4])
         text = raw.decode("utf-8", errors="replace")
         if text.endswith("\n"):
             text = text[:-1]
         return ScreenResponse(text=text, cols=w, rows=h, cursor_x=cx, cursor_y=cy, escapes=escapes)
 
-    # --- windows -----------------------------------------------------------------------------------
-    _WINDOW_FMT = "'W#{window_index} #{window_id} #{window_active} #{window_panes}'"
-
-    @staticmethod
-    def _parse_window(line: str) -> dict[str, Any] | None:
-        parts = line.split(" ")
-        if len(parts) != 4 or not line.startswith("W"):
-            return None
-        return {"index": int(parts[0][1:]), "id": parts[1], "active": parts[2] == "1", "panes": int(parts[3])}
-
-    async def list_windows(self, session_id: UUID) -> list[dict[str, Any]]:
-        rec = self._get(session_id)
-        (lines,) = await self._run(rec, lambda r: [f"list-windows -t {quote(r.tmux_id)} -F {self._WINDOW_FMT}"])
-        windows = [w for w in map(self._parse_window, lines) if w]
-        rec.windows = len(windows)
-        return windows
-
-    async def create_window(self, session_id: UUID) -> dict[str, Any]:
-        rec = self._get(session_id)
-        (lines,) = await self._run(
-            rec, lambda r: [f"new-window -d -t {quote(r.tmux_id + ':')} -P -F {self._WINDOW_FMT}"]
-        )
-        window = next((w for w in map(self._parse_window, lines) if w), None)
-        if window is None:
-            raise errors.AppError("unexpected reply from tmux new-window")
-        rec.windows += 1
-        return window
-
     async def resize(self, session_id: UUID, cols: int, rows: int) -> None:
         rec = self._get(session_id)
         cols, rows = int(cols), int(rows)
         (lines,) = await self._run(rec, lambda r: [f"list-windows -t {quote(r.tmux_id)} -F 'W#{{window_id}}'"])
-        window_ids = [ln[1:] for ln in lines if ln.startswith("W@")]
+        window_ids = [ln[1:] for ln in lines if re.fullmatch(r"W@[0-9]+", ln)]
 
         def make(r: SessionRec) -> list[str]:
             # resize-window also sets window-size=manual on that window; default-size sizes new windows.
@@ -696,33 +708,25 @@ class Engine:
             rec.exec_lock.release()
 
     async def _exec_locked(self, rec: SessionRec, script: bytes, timeout: float) -> ExecResult:
-        xid = uuid4().hex[:16]
-        sh, out, rc = (self.work_dir / f"{xid}{ext}" for ext in (".sh", ".out", ".rc"))
+        await self._server(rec)
+        channel = ExecChannel(self._exchange(rec), uuid4().hex, self.settings.exec_max_output_bytes)
         started = time.monotonic()
         try:
-            fd = os.open(sh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(script + b"\n")
-            # Leading space keeps it out of history (HISTCONTROL=ignorespace); `\.`/`\echo` dodge aliases.
-            # The rc file is written by one echo (one write): complete once it ends with a newline.
-            wrapper = (
-                f" {{ \\. '{sh}'; }} </dev/null >'{out}' 2>&1; \\echo $? >'{rc}'\n"
-            ).encode()
+            channel.open(script)
+            wrapper = channel.wrapper()
             await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
-            code = await self._wait_rc(rc, started + timeout, rec)
+            code = await self._wait_rc(channel, started + timeout, rec)
             timed_out = code is None
             if timed_out:
                 TIMEOUTS.labels(component="host", operation="exec").inc()
-                await self._interrupt(rec, rc)
-            output, truncated = self._read_output(out)
+                await self._interrupt(rec, channel)
+            output, truncated = channel.collect()
             return ExecResult(
                 exit_code=None if timed_out else code, output=output, timed_out=timed_out,
                 truncated=truncated, duration_ms=round((time.monotonic() - started) * 1000, 3),
             )
         finally:
-            for p in (sh, out, rc):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            channel.close()
 
     def _shell_alive(self, rec: SessionRec) -> bool:
         if self._sessions.get(rec.session_id) is not rec:
@@ -737,42 +741,26 @@ class Engine:
             return True
         return True
 
-    @staticmethod
-    def _read_rc(rc: Path) -> int | None:
-        try:
-            data = rc.read_bytes()
-        except FileNotFoundError:
-            return None
-        if not data.endswith(b"\n"):
-            return None
-        try:
-            return int(data.strip())
-        except ValueError:
-            return -1
-
-    async def _wait_rc(self, rc: Path, deadline: float, rec: SessionRec | None = None) -> int | None:
-        """The exit code once the rc file is complete; None at the deadline. Raises SessionEnded when the
-        session's shell is gone meanwhile (the command ran ``exit`` or ``exec``, or killed it)."""
-        delay = 0.002
+    async def _wait_rc(self, channel: ExecChannel, deadline: float, rec: SessionRec | None = None) -> int | None:
+        """The exit status once the shell wrote it; None at the deadline. Raises SessionEnded when the session's
+        shell is gone meanwhile (the command ran ``exit`` or ``exec``, or killed it)."""
         while True:
-            code = self._read_rc(rc)
-            if code is not None:
-                return code
+            if channel.rc.done():
+                return channel.rc.result()
             if rec is not None and not self._shell_alive(rec):
                 raise errors.SessionEnded("the command ended the session's shell (exit, exec or a signal): "
                                           "the session is over")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.025)
+            await asyncio.wait([channel.rc], timeout=min(0.05, remaining))
 
-    async def _interrupt(self, rec: SessionRec, rc: Path) -> None:
+    async def _interrupt(self, rec: SessionRec, channel: ExecChannel) -> None:
         """After a timeout: Ctrl-C the foreground job and give the shell a moment to get back to its
         prompt, so the session is usable for the next exec."""
         with contextlib.suppress(errors.AppError):
             await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
-        await self._wait_rc(rc, time.monotonic() + 0.3)
+        await self._wait_rc(channel, time.monotonic() + 0.3)
         deadline = time.monotonic() + 1.5
         delay = 0.005
         while time.monotonic() < deadline:
@@ -782,31 +770,15 @@ class Engine:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
 
-    def _read_output(self, out: Path) -> tuple[str, bool]:
-        limit = self.settings.exec_max_output_bytes
-        try:
-            with open(out, "rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            return "", False
-        truncated = len(data) > limit
-        return data[:limit].decode("utf-8", errors="replace"), truncated
-
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        per_shard: dict[int, int] = {}
-        for rec in self._sessions.values():
-            per_shard[rec.shard] = per_shard.get(rec.shard, 0) + 1
-        shards = [{"shard": s.index, "alive": s.ctl.alive, "sessions": per_shard.get(s.index, 0)}
-                  for s in self.shards]
-        alive = sum(1 for s in shards if s["alive"])
-        status = "ok" if shards and alive == len(shards) else ("degraded" if alive else "down")
+        servers = list(self.servers.values())
+        alive = sum(1 for s in servers if s.alive)
+        iso = self.isolation
+        status = "ok" if iso is not None else "down"
+        if iso is not None and not iso.accounts:
+            status = "degraded"  # development without isolation: say so wherever anyone looks
         return {"status": status, "host_id": self.host_id, "sessions": len(self._sessions),
-                "capacity": self.settings.host_capacity, "shards": shards}
-
-    def _clean_work_dir(self) -> None:
-        """Leftovers of a previous process (exec files, captures) are ours and stale: remove them."""
-        for p in self.work_dir.iterdir():
-            with contextlib.suppress(OSError):
-                if p.is_file() and not p.is_symlink():
-                    p.unlink()
+                "capacity": self.settings.host_capacity,
+                "servers": {"running": len(servers), "connected": alive},
+                "isolation": iso.describe() if iso is not None else None}

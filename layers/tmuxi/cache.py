@@ -1,4 +1,4 @@
-"""Redis: the session cache, the token revocation list, per-user rate limits and the host registry.
+"""Redis: the session cache, the token revocation list and per-user rate limits.
 
 Redis is not on the critical path. Every call goes through ``_gate``: when Redis cannot be reached the call
 returns ``DOWN`` at once (for ``redis_retry_after_s``) and callers fall back to PostgreSQL or to an in-process
@@ -7,11 +7,14 @@ generation when Redis returns, which invalidates every entry that a missed inval
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final, TypeVar
 
 import redis
@@ -93,6 +96,7 @@ class _Gate:
             if self._client is not None:
                 self._client.close()
             _tracker.drop()
+            _mac_key.cache_clear()
             self._client = None
             self._down_until = 0.0
             self._was_down = False
@@ -107,9 +111,35 @@ def available() -> bool:
 
 
 # --- session cache ---------------------------------------------------------------------------------
+# An entry is "<hex HMAC-SHA256>.<json>", keyed by a key derived from the JWT secret: whoever can write Redis but
+# does not hold the secret cannot make an entry that grants anything (a forged or altered one is a cache miss).
+_MAC_HEX = 64
+
+
+@lru_cache(maxsize=1)
+def _mac_key() -> bytes:
+    secret = get_settings().require_jwt_secret().encode()
+    return hmac.new(secret, b"tmuxi session cache v1", hashlib.sha256).digest()
+
+
+def _sign(key: str, payload: str) -> str:
+    mac = hmac.new(_mac_key(), f"{key}\n{payload}".encode(), hashlib.sha256).hexdigest()
+    return f"{mac}.{payload}"
+
+
+def _verified(key: str, raw: str) -> str | None:
+    mac, _, payload = raw.partition(".")
+    good = hmac.new(_mac_key(), f"{key}\n{payload}".encode(), hashlib.sha256).hexdigest()
+    if len(mac) != _MAC_HEX or not hmac.compare_digest(mac, good):
+        ERRORS.labels(component="cache", kind="bad_entry_mac").inc()
+        return None
+    return payload
+
+
 def put_session(session_id: str, data: dict[str, Any], gen: int) -> None:
-    payload = json.dumps({**data, "_g": gen}, default=str)
-    _gate.call(lambda r: r.set(f"session:{session_id}", payload, ex=get_settings().cache_ttl_s))
+    key = f"session:{session_id}"
+    payload = _sign(key, json.dumps({**data, "_g": gen}, default=str))
+    _gate.call(lambda r: r.set(key, payload, ex=get_settings().cache_ttl_s))
 
 
 def _flushed(r: redis.Redis, result: T) -> T:
@@ -324,8 +354,9 @@ def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None =
     gen = int(gen_raw or 0)
     revoked = True if revoked_hit is not None else (False if loaded is not None else None)
     session = None
-    if rest and rest[0] is not None:
-        entry = json.loads(rest[0])
+    payload = _verified(f"session:{session_id}", rest[0]) if rest and rest[0] is not None else None
+    if payload is not None:
+        entry = json.loads(payload)
         if entry.pop("_g", None) == gen:
             session = entry
     return Admission(count, revoked, session, gen)
@@ -344,17 +375,3 @@ def local_rate_count(key: str, window_s: int = 60) -> int:
             del _local_windows[k]
         count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
     return count
-
-
-# --- host registry ---------------------------------------------------------------------------------
-def put_host(host_id: str, data: dict[str, Any], ttl_s: int) -> None:
-    payload = json.dumps(data, default=str)
-    _gate.call(lambda r: r.set(f"host:{host_id}", payload, ex=max(1, ttl_s)))
-
-
-def get_host(host_id: str) -> dict[str, Any] | None | _Down:
-    raw = _gate.call(lambda r: r.get(f"host:{host_id}"))
-    if isinstance(raw, _Down) or raw is None:
-        return raw
-    data: dict[str, Any] = json.loads(raw)
-    return data

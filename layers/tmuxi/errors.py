@@ -62,6 +62,12 @@ class SessionEnded(Conflict):
     code = "session_ended"
 
 
+class InputBacklog(Conflict):
+    """A program in the session is not reading its input and the user's tmux server holds too much of it."""
+
+    code = "input_backlog"
+
+
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"

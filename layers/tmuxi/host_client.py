@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -31,6 +31,8 @@ class HostInfo:
     capacity: int
     active_sessions: int
     started_at: float  # unix time (seconds) the host process started
+    # account number -> tmux sessions its user made from a shell on this host (they count against the quota)
+    extra_sessions: dict[int, int] = field(default_factory=dict)
 
 
 class HostFull(errors.HostUnavailable):
@@ -141,8 +143,9 @@ class HostClient:
         return cls(message)
 
     # --- routes ------------------------------------------------------------------------------------
-    def create_session(self, session_id: UUID, owner_key: str, cols: int, rows: int) -> dict[str, Any]:
-        body = {"session_id": str(session_id), "owner_key": owner_key, "cols": cols, "rows": rows}
+    def create_session(self, session_id: UUID, account: int, cols: int, rows: int) -> dict[str, Any]:
+        """Create the session on the tmux server of ``account`` (the owner's ``users.account_no``)."""
+        body = {"session_id": str(session_id), "account": account, "cols": cols, "rows": rows}
         return _obj(self._request("POST", "/v1/sessions", json=body))
 
     def list_sessions(self) -> list[dict[str, Any]]:
@@ -170,12 +173,6 @@ class HostClient:
     def resize(self, session_id: UUID, cols: int, rows: int) -> None:
         self._request("POST", f"/v1/sessions/{session_id}/resize", json={"cols": cols, "rows": rows})
 
-    def list_windows(self, session_id: UUID) -> list[dict[str, Any]]:
-        return list(_obj(self._request("GET", f"/v1/sessions/{session_id}/windows"))["windows"])
-
-    def create_window(self, session_id: UUID) -> dict[str, Any]:
-        return _obj(self._request("POST", f"/v1/sessions/{session_id}/windows", json={}))
-
     def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
         t = timeout_s if timeout_s is not None else self.settings.exec_timeout_default_s
         t = min(t, self.settings.exec_timeout_max_s)
@@ -186,7 +183,7 @@ class HostClient:
         return ExecResult.model_validate(resp.json())
 
     def health(self) -> dict[str, Any]:
-        """``/health`` (no secret needed). Returns the body even when the host says 503 (no shard alive)."""
+        """``/health`` (no secret needed). Returns the body even when the host says 503."""
         try:
             resp = self._http.get("/health", timeout=self.timeout_s)
         except httpx.TimeoutException as exc:

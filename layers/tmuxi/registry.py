@@ -1,5 +1,6 @@
 """The host registry: tmux hosts heartbeat here with their free capacity; the API resolves a session's host
-from it. PostgreSQL holds the record (``hosts``), Redis a hot copy with a TTL."""
+from it. PostgreSQL is the record. Host addresses come from it alone (cached in-process for a few seconds), never
+from Redis, which a compromised client could write."""
 from __future__ import annotations
 
 import time
@@ -11,22 +12,23 @@ from tmuxi.db import repo
 from tmuxi.errors import AppError, HostUnavailable
 from tmuxi.host_client import HostInfo
 from tmuxi.observability import logger
-from tmuxi.settings import get_settings
 
 _url_cache: dict[str, tuple[str, float]] = {}
 _URL_TTL_S = 5.0
+_reported_extra: dict[str, dict[int, int]] = {}
 
 
 def heartbeat(info: HostInfo) -> None:
-    """Record a host as alive. Never raises: a heartbeat that fails is logged and retried next interval."""
-    s = get_settings()
+    """Record a host as alive, with the sessions its users made from a shell (they count against the quota).
+    Never raises: a heartbeat that fails is logged and retried next interval."""
     try:
         repo.upsert_host(info.host_id, info.url, info.capacity, info.active_sessions,
                          datetime.fromtimestamp(info.started_at, UTC))
+        if _reported_extra.get(info.host_id) != info.extra_sessions:
+            repo.set_extra_sessions(info.host_id, info.extra_sessions)
+            _reported_extra[info.host_id] = dict(info.extra_sessions)
     except AppError as exc:
         logger.warning("heartbeat not recorded in PostgreSQL", extra={"host_id": info.host_id, "error": exc.message})
-    cache.put_host(info.host_id, {"url": info.url, "capacity": info.capacity, "active": info.active_sessions,
-                                  "ts": time.time()}, ttl_s=int(s.host_dead_after_s))
 
 
 def sessions_exited(host_id: str, session_ids: set[UUID]) -> None:
@@ -38,32 +40,31 @@ def sessions_exited(host_id: str, session_ids: set[UUID]) -> None:
 
 
 def host_url(host_id: str) -> str:
-    """The URL of a host (in-process cache, then Redis, then PostgreSQL)."""
+    """The URL of a host, from PostgreSQL (cached in this process for a few seconds)."""
     hit = _url_cache.get(host_id)
     now = time.monotonic()
     if hit is not None and hit[1] > now:
         return hit[0]
-    data = cache.get_host(host_id)
-    url: str | None = data["url"] if isinstance(data, dict) else None
-    if url is None:
-        row = repo.get_host(host_id)
-        if row is None:
-            raise HostUnavailable(f"tmux host {host_id!r} is not registered")
-        url = str(row["url"])
+    row = repo.get_host(host_id)
+    if row is None:
+        raise HostUnavailable("the session's tmux host is not registered")
+    url = str(row["url"])
     _url_cache[host_id] = (url, now + _URL_TTL_S)
     return url
 
 
-def reconcile_host(host_id: str, present: set[UUID]) -> set[UUID]:
-    """Called by a host on start with the sessions it found in tmux. Sessions the database thinks are live on
-    this host but that tmux no longer has are marked lost; returns tmux sessions the database does not know as
-    live (orphans) for the host to kill."""
-    live = repo.live_session_ids_for_host(host_id)
-    for sid in live - present:
+def reconcile_host(host_id: str, present: set[tuple[UUID, int]]) -> dict[UUID, int]:
+    """Called by a host on start with the ``(session id, account)`` pairs it found in tmux. Returns the sessions
+    to adopt, each with the account whose server must hold it: live in the record, placed on this host, and found
+    on its owner's server (a session of that name on any other account's server is a forgery). Sessions the record
+    has live on this host that are not found so are marked lost."""
+    live = repo.live_sessions_for_host(host_id)
+    adopt = {sid: acct for sid, acct in present if live.get(sid) == acct}
+    for sid in set(live) - set(adopt):
         repo.end_session(sid, None, "lost", "tmux session not found when the host started")
         cache.invalidate_session(str(sid))
-    orphans = present - live
-    if orphans:
-        # a session being created right now is 'creating' and so live: never an orphan here
-        logger.info("orphan tmux sessions found", extra={"host_id": host_id, "count": len(orphans)})
-    return orphans
+    unknown = {sid for sid, _ in present} - set(adopt)
+    if unknown:
+        # a session being created right now is 'creating' and so live: never unknown here
+        logger.info("tmux sessions not confirmed by the record", extra={"host_id": host_id, "count": len(unknown)})
+    return adopt

@@ -68,18 +68,36 @@ class Settings(BaseSettings):
     host_bind: str = "127.0.0.1"
     host_port: int = Field(7001, ge=0, le=65535)
     host_url: str | None = None  # advertised URL; default http://{host_bind}:{host_port}
-    host_shards: int = Field(4, ge=1, le=64)
     host_capacity: int = Field(500, ge=1)
     host_timeout_s: float = Field(10.0, gt=0)
     # How long a lone tmux command (input, resize) reads its reply on the spot before yielding to the event
     # loop (0: never): tmux answers in ~20 us, a sleep/wake-up through the loop costs ~70 us more.
     control_spin_us: int = Field(200, ge=0, le=5000)
     socket_dir: Path | None = None  # default /tmp/tmuxi-<uid>; must be short (unix socket paths < 100 bytes)
+    # How long a tmux server may take to answer one command before its control connection is dropped (a user
+    # can stop their own server with `kill -STOP`; only their sessions wait, and only this long).
+    control_timeout_s: float = Field(5.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     host_dead_after_s: float = Field(15.0, gt=0)
     shell: str = "/bin/bash"
     default_cols: int = Field(120, ge=10, le=1000)
     default_rows: int = Field(40, ge=5, le=500)
+
+    # --- Containment of users' shells (README "Security model")
+    # auto: each user's shells run as an OS account of their own whenever the host can switch users (root, or
+    # CAP_SETUID + CAP_SETGID), else everything runs as the host's own user, with a loud warning (development
+    # only). required: refuse to start without it (always so in staging and production). off: never (development).
+    isolation: Literal["auto", "required", "off"] = "auto"
+    home_dir: Path | None = None  # users' homes; default <data_dir>/homes/<host_id>
+    account_uid_base: int = Field(200_000, ge=1000, le=2**31 - 2**24)  # account N runs as uid/gid base + N
+    # Per-user limits on one host. Processes, memory and tmux memory are enforced by the user's cgroup where the
+    # host can write cgroups, and by per-process limits (RLIMIT_NPROC / RLIMIT_AS) where it cannot.
+    user_max_processes: int = Field(256, ge=8)
+    user_memory_mb: int = Field(2048, ge=64)
+    user_max_file_mb: int = Field(1024, ge=1)  # largest file one of their processes may write (RLIMIT_FSIZE)
+    user_max_open_files: int = Field(1024, ge=64)
+    user_tmux_memory_mb: int = Field(256, ge=16)  # input is refused while their tmux server holds more
+    shell_oom_score_adj: int = Field(500, ge=0, le=1000)  # the OOM killer takes shells before the services
 
     # --- Local gateway
     gateway_bind: str = "127.0.0.1"
@@ -101,12 +119,22 @@ class Settings(BaseSettings):
                     )
             if self.database_url is None:
                 raise ValueError(f"{env_name('database_url')} is required in {self.environment}")
+            if self.isolation == "off":
+                raise ValueError(f"{env_name('isolation')}=off is for development only, not {self.environment}")
         return self
 
     # Derived values -----------------------------------------------------------------------------
     @property
     def advertised_host_url(self) -> str:
         return self.host_url or f"http://{self.host_bind}:{self.host_port}"
+
+    @property
+    def isolation_required(self) -> bool:
+        return self.isolation == "required" or self.environment in ("staging", "production")
+
+    @property
+    def resolved_home_dir(self) -> Path:
+        return (self.home_dir or self.data_dir / "homes" / self.host_id).absolute()
 
     @property
     def resolved_gateway_workers(self) -> int:

@@ -197,7 +197,7 @@ def test_command_metacharacters_reach_the_shell_literally(stack: Any, user: dict
 
 
 def _pane_command(stack: Any, sid: str) -> str:
-    for sock in stack.stack.socket_dir.glob("*/s*"):
+    for sock in stack.stack.socket_dir.glob("*/a*/tmux"):
         r = subprocess.run(["tmux", "-S", str(sock), "display-message", "-p", "-t", "=t" + sid.replace("-", "") + ":",
                             "#{pane_current_command}"], capture_output=True, text=True, check=False)
         if r.returncode == 0 and r.stdout.strip():  # tmux answers "" for a target it does not have

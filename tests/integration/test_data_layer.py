@@ -106,7 +106,7 @@ def test_session_lifecycle_is_audited(deps: Deps) -> None:
     _host(f"lc-{uuid.uuid4().hex[:6]}", 1000)
     owner = _user()
     row = repo.reserve_session(owner, "n", 80, 24, quota=5, dead_after_s=30)
-    repo.activate_session(row["id"], owner, 0, "%1")
+    repo.activate_session(row["id"], owner, "%1")
     assert repo.end_session(row["id"], owner, "deleted", "test") is not None
     assert repo.end_session(row["id"], owner, "deleted", "again") is None  # not live any more
     actions = [(e["action"], e["status"]) for e in reversed(repo.audit_events(session_id=row["id"]))]

@@ -34,8 +34,9 @@ def start_host(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 def test_sessions_survive_host_sigkill() -> None:
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tr"))
+    d.chmod(0o711)
     port = free_port()
-    values = {"socket_dir": str(d / "s"), "host_secret": SECRET, "host_port": str(port), "host_shards": "2",
+    values = {"socket_dir": str(d / "s"), "data_dir": str(d / "data"), "host_secret": SECRET, "host_port": str(port),
               "host_id": "restart-host", "heartbeat_interval_s": "60", "log_level": "WARNING"}
     env = {**os.environ, **{env_name(k): v for k, v in values.items()},
            "PYTHONPATH": os.pathsep.join([str(ROOT / "layers"), str(ROOT)])}
@@ -46,7 +47,7 @@ def test_sessions_survive_host_sigkill() -> None:
         procs.append(start_host(env))
         wait_for(lambda: client.health()["status"] == "ok", timeout=20, what="host up")
         sid = uuid.uuid4()
-        client.create_session(sid, "bob", 80, 24)
+        client.create_session(sid, 7, 80, 24)
         client.exec(sid, "cd /tmp && export KEEP=kept-value", 10)
         # the host's environment (its secret!) never reaches a user's shell: tmux gets a scrubbed env
         env_out = client.exec(sid, "env", 10).output
@@ -65,8 +66,8 @@ def test_sessions_survive_host_sigkill() -> None:
         listed = client.list_sessions()
         assert [s["session_id"] for s in listed] == [str(sid)]
         assert "SCREEN-MARKER" in client.screen(sid).text
-        r = client.exec(sid, 'echo "$(pwd) $KEEP"', 10)
-        assert r.exit_code == 0 and r.output == "/tmp kept-value\n"
+        r = client.exec(sid, 'echo "$(pwd) $KEEP $(id -u)"', 10)
+        assert r.exit_code == 0 and r.output == f"/tmp kept-value {settings.account_uid_base + 7}\n"
         # the adopted session is fully manageable
         client.kill_session(sid)
         assert client.list_sessions() == []
@@ -84,16 +85,20 @@ def test_sessions_survive_host_sigkill() -> None:
 
 
 class RecordingRegistry:
-    """Stand-in for tmuxi.registry (same two functions): records heartbeats, names orphans."""
+    """Stand-in for tmuxi.registry at the host's boundary: records heartbeats; knows some sessions as live, each
+    with its owner's account."""
 
-    def __init__(self, orphans: set[uuid.UUID]) -> None:
-        self.orphans = orphans
-        self.reconciled: list[tuple[str, set[uuid.UUID]]] = []
+    def __init__(self, live: dict[uuid.UUID, int]) -> None:
+        self.live = live
+        self.reconciled: list[tuple[str, set[tuple[uuid.UUID, int]]]] = []
         self.heartbeats: list[object] = []
 
-    def reconcile_host(self, host_id: str, present: set[uuid.UUID]) -> set[uuid.UUID]:
+    def reconcile_host(self, host_id: str, present: set[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, int]:
         self.reconciled.append((host_id, set(present)))
-        return self.orphans
+        return {sid: acct for sid, acct in present if self.live.get(sid) == acct}
+
+    def sessions_exited(self, host_id: str, session_ids: set[uuid.UUID]) -> None:
+        pass
 
     def heartbeat(self, info: object) -> None:
         self.heartbeats.append(info)
@@ -104,24 +109,32 @@ def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
     from tmuxi.host_client import HostInfo
 
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tg"))
-    settings = Settings(socket_dir=d / "s", host_secret=SECRET, host_port=free_port(), host_shards=2,
+    d.chmod(0o711)
+    settings = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret=SECRET, host_port=free_port(),
                         host_id="reg-host", heartbeat_interval_s=0.2)
-    keep, orphan = uuid.uuid4(), uuid.uuid4()
+    keep, orphan, forged = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     try:
         with host_in_thread(settings) as url:  # registry=None: no database needed
             client = HostClient(url, secret=SECRET, settings=settings)
-            client.create_session(keep, "u1", 80, 24)
-            client.create_session(orphan, "u2", 80, 24)
+            client.create_session(keep, 1, 80, 24)
+            client.create_session(orphan, 2, 80, 24)
+            # account 2 makes, from its shell, a session named like account 1's (to be adopted in its place)
+            made = client.exec(orphan, f"tmux new-session -d -s t{keep.hex} && tmux new -d -s mine && echo ok", 10)
+            assert made.output == "ok\n"
         close_all()
-        registry = RecordingRegistry({orphan, uuid.uuid4()})
+        registry = RecordingRegistry({keep: 1, forged: 3})
         with host_in_thread(settings, registry=registry) as url:
             client = HostClient(url, secret=SECRET, settings=settings)
-            assert registry.reconciled == [("reg-host", {keep, orphan})]
-            assert [s["session_id"] for s in client.list_sessions()] == [str(keep)]
+            assert registry.reconciled == [("reg-host", {(keep, 1), (keep, 2), (orphan, 2)})]
+            assert client.list_sessions() == [
+                {"session_id": str(keep), "account": 1, "tmux_name": "t" + keep.hex, "pane_id": "%1"}]
+            # the orphan and the forgery were killed; only account 1's server is left
+            assert client.health()["servers"]["running"] == 1
             wait_for(lambda: registry.heartbeats, timeout=5, what="heartbeat")
             info = registry.heartbeats[-1]
             assert isinstance(info, HostInfo)
             assert (info.host_id, info.active_sessions, info.capacity) == ("reg-host", 1, settings.host_capacity)
+            assert info.extra_sessions == {}  # account 2's own "mine" ended with its server
             assert info.url == settings.advertised_host_url
             assert isinstance(info.started_at, float) and 0 < time.time() - info.started_at < 60
     finally:

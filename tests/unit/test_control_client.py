@@ -9,13 +9,13 @@ import stat
 import subprocess
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
 from tmux_host.control import ControlClient, ControlClosed, TmuxCommandError, quote, tmux_binary
-from tmux_host.engine import Engine, ensure_private_dir, shard_for
+from tmux_host.accounts import ensure_dir
+from tmux_host.engine import Engine
 from tmux_host.testing import kill_tmux_servers
 from tmuxi.settings import Settings
 
@@ -186,24 +186,22 @@ def test_quote_refuses_breakouts() -> None:
             quote(bad)
 
 
-def test_shard_choice_is_stable() -> None:
-    assert shard_for("user-1", 4) == shard_for("user-1", 4)
-    assert {shard_for(f"user-{i}", 4) for i in range(50)} == {0, 1, 2, 3}
-    # crc32 is fixed across processes (unlike hash())
-    assert shard_for("alice", 7) == zlib.crc32(b"alice") % 7
-
-
 def test_private_dir_is_created_and_repaired(sock_dir: Path) -> None:
     d = sock_dir / "priv"
-    ensure_private_dir(d)
+    ensure_dir(d, 0o700)
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     d.chmod(0o755)
-    ensure_private_dir(d)
-    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    ensure_dir(d, 0o710, gid=4321)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o710 and d.stat().st_gid == 4321
     link = sock_dir / "link"
     link.symlink_to(d)
-    with pytest.raises(RuntimeError):
-        ensure_private_dir(link)
+    with pytest.raises(RuntimeError, match="symlink"):
+        ensure_dir(link, 0o700)
+    planted = sock_dir / "planted"  # someone else's directory where ours should be
+    planted.mkdir()
+    os.chown(planted, 4321, 4321)
+    with pytest.raises(RuntimeError, match="owned by uid 4321"):
+        ensure_dir(planted, 0o700)
 
 
 async def test_too_long_socket_path_names_the_setting(sock_dir: Path) -> None:

@@ -1,7 +1,6 @@
 """The repository: every SQL statement of the system. Logic calls these; nothing else touches psycopg."""
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -10,13 +9,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from tmuxi.db.pool import connection
-from tmuxi.errors import Conflict, HostUnavailable, QuotaExceeded
+from tmuxi.errors import Conflict, HostUnavailable, NotFound, QuotaExceeded
 
 Row = dict[str, Any]
 LIVE_STATES = ("creating", "active")
 
 _SESSION_COLS = (
-    "id, owner_id, name, state, host_id, shard, tmux_name, pane_id, cols, rows, created_at, last_active_at, "
+    "id, owner_id, name, state, host_id, tmux_name, pane_id, cols, rows, created_at, last_active_at, "
     "ended_at, end_reason"
 )
 
@@ -78,15 +77,28 @@ def get_user_by_username(username: str) -> Row | None:
 def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quota: int,
                     dead_after_s: float) -> Row:
     """Check the owner's quota and place a new session on the live host with the most free capacity, in one
-    transaction (the owner's row is locked, so concurrent creates cannot overrun the quota)."""
+    transaction (the owner's row is locked, so concurrent creates cannot overrun the quota). The quota counts
+    the owner's live sessions and the tmux sessions they made from a shell on live hosts. The row returned
+    carries the owner's OS account number (``account_no``), allocated here on their first session."""
     sid = uuid4()
     with connection() as conn, conn.transaction():
-        conn.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (owner_id,))
+        user = conn.execute(
+            "UPDATE users SET account_no = coalesce(account_no, nextval('users_account_no_seq'))"
+            " WHERE id = %s RETURNING account_no", (owner_id,)
+        ).fetchone()
+        if user is None:
+            raise NotFound("user not found")
         row = conn.execute(
-            "SELECT count(*) AS n FROM sessions WHERE owner_id = %s AND state = ANY(%s)", (owner_id, list(LIVE_STATES))
+            "SELECT (SELECT count(*) FROM sessions WHERE owner_id = %(owner)s AND state = ANY(%(live)s))"
+            " + (SELECT coalesce(sum(e.sessions), 0) FROM host_extra_sessions e JOIN hosts h ON h.id = e.host_id"
+            "    WHERE e.account_no = %(acct)s AND h.last_heartbeat > now() - make_interval(secs => %(dead)s))"
+            " AS n",
+            {"owner": owner_id, "live": list(LIVE_STATES), "acct": user["account_no"], "dead": dead_after_s},
         ).fetchone()
         live = int(row["n"]) if row else 0
         out = None if live >= quota else _place(conn, sid, owner_id, name, cols, rows, dead_after_s)
+        if out is not None:
+            out["account_no"] = user["account_no"]
     if out is None:  # audited outside the (now finished) transaction so the denial is kept
         audit(owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
         raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first", quota=quota)
@@ -114,12 +126,12 @@ def _place(conn: psycopg.Connection[Any], sid: UUID, owner_id: UUID, name: str |
     return out
 
 
-def activate_session(session_id: UUID, actor: UUID, shard: int, pane_id: str) -> Row:
+def activate_session(session_id: UUID, actor: UUID, pane_id: str) -> Row:
     with connection() as conn, conn.transaction():
         row = conn.execute(
-            f"UPDATE sessions SET state = 'active', shard = %s, pane_id = %s, last_active_at = now()"
+            f"UPDATE sessions SET state = 'active', pane_id = %s, last_active_at = now()"
             f" WHERE id = %s RETURNING {_SESSION_COLS}",
-            (shard, pane_id, session_id),
+            (pane_id, session_id),
         ).fetchone()
         _audit(conn, actor, "session.create", session_id, "ok", {"host_id": row["host_id"] if row else None})
     assert row is not None
@@ -179,18 +191,14 @@ def resize_session(session_id: UUID, actor: UUID, cols: int, rows: int) -> Row |
         return row
 
 
-def live_session_ids_for_host(host_id: str) -> set[UUID]:
+def live_sessions_for_host(host_id: str) -> dict[UUID, int | None]:
+    """Live sessions placed on a host -> their owner's account number."""
     with connection() as conn:
         rows = conn.execute(
-            "SELECT id FROM sessions WHERE host_id = %s AND state = ANY(%s)", (host_id, list(LIVE_STATES))
+            "SELECT s.id, u.account_no FROM sessions s JOIN users u ON u.id = s.owner_id"
+            " WHERE s.host_id = %s AND s.state = ANY(%s)", (host_id, list(LIVE_STATES))
         ).fetchall()
-    return {r["id"] for r in rows}
-
-
-def known_session_ids(ids: Iterable[UUID]) -> dict[UUID, str]:
-    with connection() as conn:
-        rows = conn.execute("SELECT id, state FROM sessions WHERE id = ANY(%s)", (list(ids),)).fetchall()
-    return {r["id"]: r["state"] for r in rows}
+    return {r["id"]: r["account_no"] for r in rows}
 
 
 # --- hosts -----------------------------------------------------------------------------------------
@@ -203,6 +211,18 @@ def upsert_host(host_id: str, url: str, capacity: int, active: int, started_at: 
             " active_sessions = EXCLUDED.active_sessions, started_at = EXCLUDED.started_at, last_heartbeat = now()",
             (host_id, url, capacity, active, started_at),
         )
+
+
+def set_extra_sessions(host_id: str, extra: dict[int, int]) -> None:
+    """Replace a host's report of sessions its users made from a shell."""
+    with connection() as conn, conn.transaction():
+        conn.execute("DELETE FROM host_extra_sessions WHERE host_id = %s", (host_id,))
+        if extra:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO host_extra_sessions (host_id, account_no, sessions) VALUES (%s, %s, %s)",
+                    [(host_id, a, n) for a, n in extra.items() if n > 0],
+                )
 
 
 def get_host(host_id: str) -> Row | None:

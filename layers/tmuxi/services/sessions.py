@@ -66,14 +66,14 @@ def create_session(p: Principal, body: SessionCreate) -> Session:
     row = repo.reserve_session(p.user_id, body.name, cols, rows, s.session_quota, s.host_dead_after_s)
     sid: UUID = row["id"]
     try:
-        created = host_client.HostClient(row["host_url"]).create_session(sid, str(p.user_id), cols, rows)
+        created = host_client.HostClient(row["host_url"]).create_session(sid, row["account_no"], cols, rows)
     except AppError as exc:
         repo.end_session(sid, p.user_id, "failed", f"host {row['host_id']}: {exc.message}")
         logger.warning("session creation failed on host", extra={"host_id": row["host_id"], "error": exc.code})
         if isinstance(exc, HostUnavailable):
             raise
         raise HostUnavailable(f"tmux host {row['host_id']} could not create the session: {exc.message}") from exc
-    return _public(repo.activate_session(sid, p.user_id, created["shard"], created["pane_id"]))
+    return _public(repo.activate_session(sid, p.user_id, created["pane_id"]))
 
 
 def list_sessions(p: Principal, include_ended: bool = False) -> list[Session]:

@@ -1,0 +1,140 @@
+"""One user's tmux server on this host: started as the user's account, driven through one control-mode client,
+supervised (reconnected when the connection drops), stopped when the user has no session left.
+
+Everything that comes back from it is the user's to forge: the server runs as the user, who can stop it, kill it,
+or replace it with a program of their own on the same socket. The host only asks it about that user's sessions,
+bounds every wait on it (``control_timeout_s``), and checks what it says against its own records.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tmux_host.accounts import Account, Isolation, ensure_dir
+from tmux_host.control import ControlClient, quote
+from tmuxi.observability import ERRORS, logger
+from tmuxi.settings import Settings
+
+HISTORY_LIMIT = 5000
+RSS_SAMPLE_S = 0.1
+
+
+def default_terminal() -> str:
+    """tmux-256color when its terminfo entry is installed, else the always-available screen-256color."""
+    for d in ("/usr/share/terminfo", "/lib/terminfo", "/etc/terminfo", "/usr/lib/terminfo"):
+        if Path(f"{d}/t/tmux-256color").exists():
+            return "tmux-256color"
+    return "screen-256color"
+
+
+class UserServer:
+    def __init__(self, settings: Settings, isolation: Isolation, account: Account, host_dir: Path,
+                 on_notification: Callable[[UserServer, str, str], None], lock: asyncio.Lock) -> None:
+        self.settings = settings
+        self.isolation = isolation
+        self.account = account
+        self.socket_dir = host_dir / account.name
+        self.socket_path = self.socket_dir / "tmux"
+        self.exchange_dir = host_dir / "x" / account.name  # see accounts.py: the host's files for this account
+        self.lock = lock  # the engine's, per account: start, stop, and creates against this server
+        self.supervisor: asyncio.Task[None] | None = None
+        self.refreshing = False
+        self.stopping = False
+        self.pid: int | None = None  # the tmux server's
+        self._rss: tuple[float, int | None] = (0.0, None)
+        self.ctl = ControlClient(
+            self.socket_path, shell=settings.shell, env=isolation.env(account, settings.shell),
+            wrap=lambda argv: isolation.argv(account, argv), spawn_kwargs=isolation.spawn_kwargs(account),
+            on_spawned=lambda pid: isolation.confine(account, pid),
+            on_notification=lambda name, args: on_notification(self, name, args),
+            spin_s=settings.control_spin_us / 1e6, command_timeout_s=settings.control_timeout_s,
+            start_timeout_s=max(2.0, settings.control_timeout_s),
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.ctl.alive
+
+    def prepare_dirs(self) -> None:
+        a = self.account
+        self.isolation.prepare(a)
+        ensure_dir(self.socket_dir, 0o700, a.uid, a.gid)
+        ensure_dir(self.exchange_dir, 0o710, None, a.gid)
+
+    async def connect(self) -> None:
+        """(Re)attach to the server, starting it if needed, and set its options."""
+        if self.ctl.alive:
+            return
+        self.prepare_dirs()
+        await self.ctl.start()
+        # Global options, before any session is created. NB: do NOT set window-size globally: tmux 3.3a crashes
+        # on new-session with a global `window-size manual` (resize-window sets it per window instead).
+        replies = await self.ctl.commands([
+            f"set-option -g default-shell {quote(self.settings.shell)}",
+            f"set-option -g history-limit {HISTORY_LIMIT}",
+            "set-option -g allow-rename off",
+            "set-option -g exit-empty off",
+            f"set-option -g default-terminal {quote(default_terminal())}",
+            "display-message -p 'P#{pid}'",
+        ])
+        pid_line = replies[-1]
+        self.pid = None
+        if isinstance(pid_line, list):
+            self.pid = next((int(ln[1:]) for ln in pid_line if ln.startswith("P") and ln[1:].isdigit()), None)
+
+    def start_supervising(self, on_reconnect: Callable[[UserServer], object]) -> None:
+        if self.supervisor is None or self.supervisor.done():
+            self.supervisor = asyncio.create_task(self._supervise(on_reconnect), name=f"tmux-{self.account.name}")
+
+    async def _supervise(self, on_reconnect: Callable[[UserServer], object]) -> None:
+        delay = 0.2
+        while not self.stopping:
+            await self.ctl.wait_closed()
+            if self.stopping:
+                return
+            if self.ctl.alive:
+                await asyncio.sleep(0.05)
+                continue
+            logger.warning("tmux control connection lost; reconnecting", extra={"account": self.account.name})
+            ERRORS.labels(component="host", kind="tmux_server_down").inc()
+            await asyncio.sleep(delay)
+            try:
+                async with self.lock:
+                    if self.stopping:
+                        return
+                    await self.connect()
+                delay = 0.2
+                result = on_reconnect(self)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:
+                logger.error("tmux reconnect failed", extra={"account": self.account.name, "error": str(exc)})
+                delay = min(delay * 2, 10.0)
+
+    async def stop(self, *, kill: bool) -> None:
+        """Detach (the server lives on) or, with ``kill``, end the server and everything its user left running."""
+        self.stopping = True
+        if self.supervisor is not None and self.supervisor is not asyncio.current_task():
+            self.supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.supervisor
+        if kill and self.ctl.alive:
+            with contextlib.suppress(Exception):
+                fut = self.ctl.submit("kill-server")
+                fut.add_done_callback(lambda f: f.exception())  # the reply may never come: the server exits
+                await asyncio.wait_for(self.ctl.wait_closed(), 2.0)
+        await self.ctl.close()
+        if kill:
+            await asyncio.to_thread(self.isolation.reap, self.account)
+
+    def memory_used(self) -> int | None:
+        """The server's resident memory, sampled at most every RSS_SAMPLE_S (input is refused above a limit)."""
+        at, value = self._rss
+        now = time.monotonic()
+        if now - at >= RSS_SAMPLE_S:
+            value = self.isolation.memory_used(self.account, self.pid)
+            self._rss = (now, value)
+        return value
