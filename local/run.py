@@ -1,4 +1,6 @@
-"""``make run``: start the whole system locally and keep it running until Ctrl-C."""
+"""``make run``: start the whole system locally and keep it running until Ctrl-C (SIGINT) or SIGTERM.
+
+Every ``TMUXI_*`` variable set in its environment reaches the services (README "Configuration")."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +12,12 @@ import sys
 from pathlib import Path
 
 from local.stack import ROOT, LocalStack
+from tmuxi.settings import env_name
 
 
 def _dev_credentials(path: Path) -> dict[str, str]:
     if path.exists():
+        path.chmod(0o600)
         data: dict[str, str] = json.loads(path.read_text())
         return data
     data = {"username": "dev", "password": secrets.token_urlsafe(12)}
@@ -25,14 +29,19 @@ def _dev_credentials(path: Path) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="Run the tmux integration system locally.")
-    ap.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    ap.add_argument("--port", type=int, default=None,
+                    help=f"gateway port (default: {env_name('gateway_port')}, else 8080)")
     ap.add_argument("--hosts", type=int, default=2, help="number of tmux hosts (default 2)")
-    ap.add_argument("--data-dir", type=Path, default=ROOT / ".data", help="local state (default ./.data)")
-    ap.add_argument("--database-url", default=None, help="use this PostgreSQL instead of the embedded one")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help=f"local state (default: {env_name('data_dir')}, else ./.data)")
+    ap.add_argument("--database-url", default=None,
+                    help=f"use this PostgreSQL instead of the embedded one (better: {env_name('database_url')}, "
+                         "since every user of the machine can read a command line)")
     ap.add_argument("--keep-sessions", action="store_true", help="leave tmux servers running on exit")
     args = ap.parse_args()
 
-    stack = LocalStack(data_dir=args.data_dir, hosts=args.hosts, database_url=args.database_url,
+    data_dir = args.data_dir or Path(os.environ.get(env_name("data_dir")) or ROOT / ".data")
+    stack = LocalStack(data_dir=data_dir, hosts=args.hosts, database_url=args.database_url,
                        gateway_port=args.port)
     stopping = False
 
@@ -42,7 +51,10 @@ def main() -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Explicitly for SIGINT too: started as a background job of a script, we inherit it *ignored*, and Python
+    # then installs no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         stack.start()
         creds = _dev_credentials(stack.data_dir / "dev-credentials.json")

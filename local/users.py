@@ -25,8 +25,10 @@ def _ensure_database() -> EmbeddedPostgres | None:
     if s.database_url is not None:
         return None
     from local.services import EmbeddedPostgres
+    from local.stack import stack_secrets
 
-    pg = EmbeddedPostgres(s.data_dir.resolve() / "pg")
+    data_dir = s.data_dir.resolve()
+    pg = EmbeddedPostgres(data_dir / "pg", password=stack_secrets(data_dir)["postgres_password"])
     was_running = (pg.data_dir / "postmaster.pid").exists()
     os.environ[env_name("database_url")] = pg.start()
     get_settings.cache_clear()
