@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local.services import EmbeddedPostgres, RedisServer, free_port
+from local.services import EmbeddedPostgres, RedisServer, free_port, new_password
 from local.stack import LocalStack
 
 # Every tmux host the tests start (in-process or as a child) gives sessions this shell.
@@ -28,6 +28,11 @@ TEST_ENV = {
     "TMUXI_REDIS_RETRY_AFTER_S": "0.2",
     "TMUXI_JWT_SECRET": "test-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex,
     "TMUXI_HOST_SECRET": "test-host-" + uuid.uuid4().hex + uuid.uuid4().hex,
+    # per-user limits small enough for the containment tests to reach them quickly
+    "TMUXI_USER_MAX_PROCESSES": "128",
+    "TMUXI_USER_MEMORY_MB": "512",
+    "TMUXI_USER_MAX_FILE_MB": "64",
+    "TMUXI_USER_TMUX_MEMORY_MB": "16",
 }
 
 
@@ -51,13 +56,16 @@ class Deps:
 
 @pytest.fixture(scope="session")
 def deps() -> Iterator[Deps]:
+    """Both ask for a password generated for this run (PostgreSQL: role postgres, SCRAM; Redis: requirepass);
+    the URLs carry it."""
     base = Path(tempfile.mkdtemp(prefix="tmuxi-test-", dir="/tmp"))
+    base.chmod(0o711)  # others may traverse (the postgres system user, users' accounts to their homes), not list
     pg = None
     url = os.environ.get("TMUXI_TEST_DATABASE_URL")
     if url is None:
-        pg = EmbeddedPostgres(base / "pg")
+        pg = EmbeddedPostgres(base / "pg", password=new_password())
         url = pg.start()
-    redis = RedisServer()
+    redis = RedisServer(password=new_password())
     redis.start()
     os.environ.update(TEST_ENV)
     os.environ["TMUXI_DATABASE_URL"] = url

@@ -90,7 +90,8 @@ def test_a_tmux_session_lost_while_its_host_was_down_is_marked_lost(stack: Stack
     host_id = _host_of(stack, h, sid)
     stack.stack.stop_host(host_id, sig=signal.SIGKILL)
     try:
-        sockets = list((stack.stack.socket_dir or __import__("pathlib").Path("/nonexistent")).glob(f"{host_id}/a*/tmux"))
+        assert stack.stack.socket_dir is not None
+        sockets = list(stack.stack.socket_dir.glob(f"{host_id}/a*/tmux"))
         killed = [
             subprocess.run(["tmux", "-S", str(s), "kill-session", "-t", "=t" + sid.replace("-", "")],
                            capture_output=True, check=False).returncode
