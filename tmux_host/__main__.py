@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from typing import Any
 
 import uvicorn
 
+from tmux_host.accounts import reduced_capabilities_argv
 from tmux_host.app import create_app
 from tmuxi.observability import logger
 from tmuxi.settings import get_settings
@@ -27,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-registry", action="store_true",
                         help="do not heartbeat or reconcile with the registry (no database needed)")
     args = parser.parse_args(argv)
+    # Keep of root only what isolating users needs: start again under setpriv with just those capabilities.
+    reduced = reduced_capabilities_argv([sys.executable, "-m", "tmux_host", *sys.argv[1:]])
+    if reduced is not None:
+        os.execvp(reduced[0], reduced)  # noqa: S606 - fixed argv, same program
     settings = get_settings()
     settings.require_host_secret()  # fail fast, before touching tmux
     registry = None if args.no_registry else load_registry()

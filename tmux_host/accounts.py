@@ -7,7 +7,7 @@ CAP_SETUID/CAP_SETGID); everything the account's processes touch is theirs alone
 is treated as hostile by the host.
 
 Directory layout, under the host's directory ``<socket_dir>/<host_id>`` (0711, the host's):
-- ``a<N>/``     0700, the account's: its tmux server's socket (``a<N>/tmux``)
+- ``a<N>/``     0710, the account's, group of the host: its tmux server's socket (``a<N>/tmux``)
 - ``x/a<N>/``   0710, the host's, group of the account: exec scripts and result FIFOs, screen captures, pasted
   input. The account can open the files the host made there but can neither list, create, rename nor replace
   any, so the host never follows a link or opens a FIFO it did not make.
@@ -37,6 +37,15 @@ from tmuxi.observability import logger
 from tmuxi.settings import Settings, env_name
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the host keeps of root (``python -m tmux_host`` re-executes itself under setpriv with only these):
+# switching to an account (setuid, setgid), giving it its directories (chown, fowner), ending its processes
+# (kill), and reaching a local PostgreSQL socket in a directory of the database's own user (dac_read_search;
+# absent on ECS, where the database is over TCP). No dac_override: the host cannot write files it does not own.
+HOST_CAPABILITIES = {"chown": 0, "dac_read_search": 2, "fowner": 3, "kill": 5, "setgid": 6, "setuid": 7}
+_CAP_NAMES = {0: "chown", 1: "dac_override", 2: "dac_read_search", 3: "fowner", 4: "fsetid", 5: "kill",
+              6: "setgid", 7: "setuid", 8: "setpcap", 10: "net_bind_service", 12: "net_admin", 13: "net_raw",
+              18: "sys_chroot", 19: "sys_ptrace", 21: "sys_admin", 24: "sys_resource", 27: "mknod",
+              29: "audit_write", 31: "setfcap"}
 _GO = 'read -r _ && exec "$@"'
 
 
@@ -77,6 +86,25 @@ def check_reachable(path: Path) -> None:
         if parent.exists() and not os.stat(parent).st_mode & stat.S_IXOTH:
             raise RuntimeError(f"{parent} is not traversable by other users (mode o-x), so the users' accounts "
                                f"cannot reach {path}: chmod o+x {parent}, or choose another directory")
+
+
+def capabilities(which: str = "CapEff", pid: str = "self") -> list[str]:
+    """A process's capabilities by name (``CapEff``, ``CapBnd``, ... of /proc/PID/status)."""
+    mask = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mask = int(Path(f"/proc/{pid}/status").read_text().split(f"{which}:")[1].split()[0], 16)
+    return [_CAP_NAMES.get(bit, f"cap_{bit}") for bit in range(64) if mask >> bit & 1]
+
+
+def reduced_capabilities_argv(argv: list[str]) -> list[str] | None:
+    """The command that runs ``argv`` with no capability but HOST_CAPABILITIES, or None when this process holds
+    no more than those already (or is not root, or setpriv is missing)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    if set(capabilities("CapBnd")) <= set(HOST_CAPABILITIES):
+        return None
+    keep = ",".join(f"+{c}" for c in HOST_CAPABILITIES)
+    return ["setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--", *argv]
 
 
 # --- cgroups ---------------------------------------------------------------------------------------------------
@@ -223,6 +251,7 @@ class Isolation:
             "tmux_memory_mb": s.user_tmux_memory_mb,
             "oom_score_adj": s.shell_oom_score_adj,
             "no_new_privs": self.no_new_privs,
+            "host_capabilities": capabilities(),
         }
 
     def account(self, number: int) -> Account:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,7 @@ class UserServer:
     def prepare_dirs(self) -> None:
         a = self.account
         self.isolation.prepare(a)
-        ensure_dir(self.socket_dir, 0o700, a.uid, a.gid)
+        ensure_dir(self.socket_dir, 0o710, a.uid, os.getgid())  # the host reaches it by group: no dac_override
         ensure_dir(self.exchange_dir, 0o710, None, a.gid)
 
     async def connect(self) -> None:

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import StackHandle
+from tmux_host.accounts import HOST_CAPABILITIES
 from tmux_host.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,6 +331,8 @@ def test_host_health_names_the_mechanisms_in_force(stack: StackHandle) -> None:
     iso = health["isolation"]
     assert iso["enabled"] and iso["cgroups"] and iso["no_new_privs"]
     assert iso["rlimits"]["nproc"] == 128 and iso["oom_score_adj"] > 0
+    # the host kept of root only what switching users needs (no dac_override, sys_admin, net_raw, ...)
+    assert set(iso["host_capabilities"]) == set(HOST_CAPABILITIES)
 
 
 def test_staging_refuses_to_start_without_isolation(tmp_path: Path) -> None:
