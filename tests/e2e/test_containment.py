@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from tests.conftest import StackHandle
+from tests.hosting import wait_for
 from tmux_host.accounts import HOST_CAPABILITIES
-from tmux_host.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.hosting import SECRET, free_port, host_in_thread, kill_tmux_servers, wait_for
 from tmux_host.control import tmux_binary
-from tmux_host.testing import SECRET, free_port, host_in_thread, kill_tmux_servers, wait_for
 from tmuxi import errors
 from tmuxi.host_client import HostClient, close_all
 from tmuxi.settings import Settings

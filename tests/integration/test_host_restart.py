@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tmux_host.testing import SECRET, free_port, kill_tmux_servers, wait_for
+from tests.hosting import SECRET, free_port, kill_tmux_servers, wait_for
 from tmuxi import errors
 from tmuxi.host_client import HostClient, close_all
 from tmuxi.settings import Settings, env_name
@@ -105,7 +105,7 @@ class RecordingRegistry:
 
 
 def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
-    from tmux_host.testing import host_in_thread
+    from tests.hosting import host_in_thread
     from tmuxi.host_client import HostInfo
 
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tg"))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.hosting import kill_tmux_servers
 from tmux_host.accounts import ensure_dir
 from tmux_host.control import ControlClient, ControlClosed, TmuxCommandError, quote, tmux_binary
 from tmux_host.engine import Engine
-from tmux_host.testing import kill_tmux_servers
 from tmuxi.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")

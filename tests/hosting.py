@@ -1,4 +1,5 @@
-"""Helpers for tests and the benchmark: run a host in a thread, find free ports, kill tmux servers."""
+"""Test helpers for the tmux host: run one in a thread, wait for a condition (poll, never sleep blindly),
+free ports, kill tmux servers."""
 from __future__ import annotations
 
 import contextlib
