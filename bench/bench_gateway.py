@@ -325,6 +325,8 @@ def stack_gateway(settings: dict[str, str] | None = None) -> Iterator[tuple[str,
 
     base = Path(tempfile.mkdtemp(prefix="tmuxi-bench-", dir="/tmp"))
     sockets = Path(tempfile.mkdtemp(prefix="tb", dir="/tmp"))
+    base.chmod(0o711)  # the users' accounts reach their homes (under data/) and sockets through these
+    sockets.chmod(0o711)
     stack = LocalStack(data_dir=base / "data", hosts=1, socket_dir=sockets, gateway_port=free_port(),
                        environment="test",
                        extra_env={"TMUXI_RATE_LIMIT_PER_MINUTE": "100000000", **(settings or {})})

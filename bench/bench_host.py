@@ -1,14 +1,21 @@
 """Benchmark of the tmux host engine.
 
-1. Input latency: the engine's ``send_input`` through the persistent control-mode client vs libtmux
-   ``pane.send_keys(..., enter=False, literal=True)`` (one tmux process per call), same kind of session,
-   same run. Targets: p50 <= 0.5 ms and >= 20x faster than libtmux.
-2. Memory per idle session: N sessions spread over the shards as the host would, shells settled (each
-   has answered an exec), PSS of every tmux server + pane process (+ the control clients), per session.
-   Target <= 6 MB/session. Baseline with 0 sessions = per-shard fixed overhead.
+Each user has a tmux server of their own, run as their own OS account (uid = account_uid_base + account number),
+so this needs root to run as it does in production (without it, the engine runs every server as the current user,
+with a warning, and the figures are those of that development mode).
 
-Usage: python bench/bench_host.py [--sessions 500] [--iterations 2000] [--shards 4] [--json]
-(run from the repo root with PYTHONPATH=layers:. ; CI smoke: --sessions 20 --iterations 200).
+1. Input latency: the engine's ``send_input`` through the persistent control-mode client vs libtmux
+   ``pane.send_keys(..., enter=False, literal=True)`` (one tmux client process per call) on a session of the same
+   user's server (libtmux connects as root to that user's socket), same run. Targets: p50 <= 0.5 ms and >= 20x
+   faster than libtmux.
+2. Memory per idle session: N sessions assigned round-robin to accounts 1..U (one tmux server per account),
+   shells settled (each has answered an exec). Summed: PSS (and RSS) of every account's tmux server, all its
+   descendants (the shells in the panes, the hidden _ctl ``sleep``) and the host's control-mode client for it.
+   Target: gross PSS per session (total / N) <= 6 MB. Also measured with one session per user, before the others
+   are created, to give the fixed cost of a user's server (its tmux server, control client and _ctl pane).
+
+Usage: python bench/bench_host.py [--sessions 500] [--users 25] [--iterations 2000] [--json]
+(run from the repo root with PYTHONPATH=layers:. ; CI smoke: --sessions 20 --users 4 --iterations 200).
 """
 from __future__ import annotations
 
@@ -68,32 +75,49 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-async def memory_snapshot(engine: Engine) -> dict[str, Any]:
-    """PSS/RSS of: tmux servers, everything running in panes (all descendants of the servers: shells,
-    the hidden _ctl `sleep`), and the control-mode client processes."""
-    servers: list[int] = []
-    for shard in engine.shards:
-        (line,) = await shard.ctl.command("display-message -p 'P#{pid}'")
-        servers.append(int(line[1:]))
-    pane_procs = [c for s in servers for c in descendants(s)]
-    clients = [s.ctl.pid for s in engine.shards if s.ctl.pid]
-    groups = {"servers": servers, "pane_processes": pane_procs, "control_clients": clients}
-    result: dict[str, Any] = {}
-    for name, pids in groups.items():
-        m = [smaps(p) for p in pids]
-        result[name] = {"count": len(pids), "pss_kb": sum(x["pss_kb"] for x in m),
-                        "rss_kb": sum(x["rss_kb"] for x in m)}
-    result["total_pss_kb"] = sum(v["pss_kb"] for v in result.values() if isinstance(v, dict))
-    result["total_rss_kb"] = sum(v["rss_kb"] for v in list(result.values()) if isinstance(v, dict))
+def sum_mem(pids: list[int]) -> dict[str, int]:
+    m = [smaps(p) for p in pids]
+    return {"count": len(pids), "pss_kb": sum(x["pss_kb"] for x in m), "rss_kb": sum(x["rss_kb"] for x in m)}
+
+
+def memory_snapshot(engine: Engine) -> dict[str, Any]:
+    """PSS/RSS of, for every account with a running server: its tmux server, everything running in its panes (all
+    descendants of the server: shells, the hidden _ctl ``sleep``) and the host's control-mode client for it."""
+    servers = [s.pid for s in engine.servers.values() if s.pid]
+    pane_procs = [c for pid in servers for c in descendants(pid)]
+    clients = [s.ctl.pid for s in engine.servers.values() if s.ctl.pid]
+    result: dict[str, Any] = {"users": len(engine.servers), "sessions": engine.session_count,
+                              "servers": sum_mem(servers), "pane_processes": sum_mem(pane_procs),
+                              "control_clients": sum_mem(clients)}
+    groups = [result[k] for k in ("servers", "pane_processes", "control_clients")]
+    result["total_pss_kb"] = sum(g["pss_kb"] for g in groups)
+    result["total_rss_kb"] = sum(g["rss_kb"] for g in groups)
     return result
+
+
+def user_fixed_parts(engine: Engine) -> dict[str, Any]:
+    """Per user, the processes that exist whatever the number of sessions: tmux server, control client, _ctl pane
+    (a ``sleep``). The server's PSS here includes what one session costs it."""
+    servers = [s.pid for s in engine.servers.values() if s.pid]
+    sleeps = [c for pid in servers for c in children(pid) if comm(c) == "sleep"]
+    clients = [s.ctl.pid for s in engine.servers.values() if s.ctl.pid]
+    return {"servers": sum_mem(servers), "ctl_panes": sum_mem(sleeps), "control_clients": sum_mem(clients)}
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 async def bench_latency(engine: Engine, iterations: int, warmup: int, lib_iterations: int) -> dict[str, Any]:
     import libtmux
 
+    account = 1
     sid_engine, sid_lib = uuid.uuid4(), uuid.uuid4()
-    a = await engine.create_session(sid_engine, "bench-owner", 120, 40)
-    b = await engine.create_session(sid_lib, "bench-owner", 120, 40)
+    await engine.create_session(sid_engine, account, 120, 40)
+    b = await engine.create_session(sid_lib, account, 120, 40)  # same user: same tmux server
     for sid in (sid_engine, sid_lib):  # both panes run `cat >/dev/null`: input is consumed, no redraws
         await engine.exec(sid, "true", 30)
         await engine.send_input(sid, b"exec cat >/dev/null\n")
@@ -107,7 +131,8 @@ async def bench_latency(engine: Engine, iterations: int, warmup: int, lib_iterat
         await engine.send_input(sid_engine, b"x")
         eng.append(time.perf_counter() - t)
 
-    server = libtmux.Server(socket_path=str(engine.socket_path(b["shard"])))
+    user_server = engine.servers[account]
+    server = libtmux.Server(socket_path=str(user_server.socket_path))  # root may attach to the user's server
     pane = server.panes.get(pane_id=b["pane_id"])
     assert pane is not None
     for _ in range(min(warmup, 50)):
@@ -118,7 +143,7 @@ async def bench_latency(engine: Engine, iterations: int, warmup: int, lib_iterat
         pane.send_keys("x", enter=False, literal=True)
         lib.append(time.perf_counter() - t)
 
-    # 4 KB pastes through the engine (one send-keys -H line each)
+    # 4 KB pastes through the engine (load-buffer from a file + paste-buffer)
     paste: list[float] = []
     blob = os.urandom(2048).hex().encode()[:4096]
     for _ in range(max(20, iterations // 20)):
@@ -126,6 +151,7 @@ async def bench_latency(engine: Engine, iterations: int, warmup: int, lib_iterat
         await engine.send_input(sid_engine, blob)
         paste.append(time.perf_counter() - t)
 
+    server_uid = os.stat(f"/proc/{user_server.pid}").st_uid if user_server.pid else None
     await engine.kill_session(sid_engine)
     await engine.kill_session(sid_lib)
     e, lb = summary_ms(eng), summary_ms(lib)
@@ -136,18 +162,14 @@ async def bench_latency(engine: Engine, iterations: int, warmup: int, lib_iterat
         "speedup_p50": round(lb["p50_ms"] / e["p50_ms"], 1),
         "speedup_p99": round(lb["p99_ms"] / e["p99_ms"], 1),
         "target_met": e["p50_ms"] <= 0.5 and lb["p50_ms"] / e["p50_ms"] >= 20,
-        "shard_of_session": a["shard"],
+        "account": account,
+        "tmux_server_uid": server_uid,
     }
 
 
-async def bench_memory(engine: Engine, sessions: int, concurrency: int = 16) -> dict[str, Any]:
-    await asyncio.sleep(0.5)
-    baseline = await memory_snapshot(engine)
-    ids = [uuid.uuid4() for _ in range(sessions)]
-    t0 = time.monotonic()
-    for i, sid in enumerate(ids):
-        await engine.create_session(sid, f"user-{i}", 120, 40)
-    created_s = time.monotonic() - t0
+async def _create_and_settle(engine: Engine, plan: list[tuple[uuid.UUID, int]], concurrency: int) -> None:
+    for sid, account in plan:
+        await engine.create_session(sid, account, 120, 40)
     sem = asyncio.Semaphore(concurrency)
 
     async def settle(sid: uuid.UUID) -> None:
@@ -155,29 +177,50 @@ async def bench_memory(engine: Engine, sessions: int, concurrency: int = 16) -> 
             r = await engine.exec(sid, "true", 120)
             assert r.exit_code == 0, r
 
-    await asyncio.gather(*(settle(s) for s in ids))
-    settled_s = time.monotonic() - t0
+    await asyncio.gather(*(settle(sid) for sid, _ in plan))
+
+
+async def bench_memory(engine: Engine, sessions: int, users: int, concurrency: int = 16) -> dict[str, Any]:
+    users = max(1, min(users, sessions))
+    plan = [(uuid.uuid4(), 1 + i % users) for i in range(sessions)]  # round-robin over accounts 1..users
+    t0 = time.monotonic()
+    # first one session per user (this starts every user's server), measured before the rest exist
+    await _create_and_settle(engine, plan[:users], concurrency)
+    first_s = time.monotonic() - t0
     await asyncio.sleep(1.0)
-    loaded = await memory_snapshot(engine)
-    per_shard = {s.index: 0 for s in engine.shards}
-    for rec in engine._sessions.values():  # noqa: SLF001 - benchmark introspection
-        per_shard[rec.shard] += 1
+    one_each = memory_snapshot(engine)
+    fixed_parts = user_fixed_parts(engine)
+    t1 = time.monotonic()
+    await _create_and_settle(engine, plan[users:], concurrency)
+    rest_s = time.monotonic() - t1
+    await asyncio.sleep(1.0)
+    loaded = memory_snapshot(engine)
+    per_user: dict[int, int] = {}
+    for _, account in plan:
+        per_user[account] = per_user.get(account, 0) + 1
+    uids = sorted({os.stat(f"/proc/{s.pid}").st_uid for s in engine.servers.values() if s.pid})
     pss_total = loaded["total_pss_kb"] / 1024
-    pss_marginal = (loaded["total_pss_kb"] - baseline["total_pss_kb"]) / 1024
-    res = {
+    res: dict[str, Any] = {
         "sessions": sessions,
-        "sessions_per_shard": per_shard,
-        "create_s": round(created_s, 2),
-        "create_and_settle_s": round(settled_s, 2),
-        "baseline_0_sessions": baseline,
+        "users": users,
+        "sessions_per_user": {"min": min(per_user.values()), "max": max(per_user.values())},
+        "tmux_server_uids": [uids[0], uids[-1]] if uids else [],
+        "distinct_server_uids": len(uids),
+        "create_and_settle_s": {"one_per_user": round(first_s, 2), "the_rest": round(rest_s, 2)},
+        "one_session_per_user": one_each,
         "with_sessions": loaded,
         "pss_mb_per_session_gross": round(pss_total / sessions, 3),
-        "pss_mb_per_session_marginal": round(pss_marginal / sessions, 3),
         "rss_mb_per_session_gross": round(loaded["total_rss_kb"] / 1024 / sessions, 3),
-        "baseline_pss_mb_per_shard": round(baseline["total_pss_kb"] / 1024 / len(engine.shards), 3),
     }
+    if sessions > users:  # what one more session costs, once its user's server runs
+        marginal_kb = (loaded["total_pss_kb"] - one_each["total_pss_kb"]) / (sessions - users)
+        res["pss_mb_per_session_marginal"] = round(marginal_kb / 1024, 3)
+        res["pss_mb_fixed_per_user"] = round((one_each["total_pss_kb"] - users * marginal_kb) / users / 1024, 3)
+    res["fixed_parts_per_user_mb"] = {
+        k: {"pss": round(v["pss_kb"] / 1024 / max(1, v["count"]), 3),
+            "rss": round(v["rss_kb"] / 1024 / max(1, v["count"]), 3)} for k, v in fixed_parts.items()}
     res["target_met"] = res["pss_mb_per_session_gross"] <= 6.0
-    for sid in ids:
+    for sid, _ in plan:
         await engine.kill_session(sid)
     return res
 
@@ -198,17 +241,21 @@ def machine() -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tb"))
-    settings = Settings(socket_dir=d / "s", host_secret="bench-" + "x" * 32, host_shards=args.shards,
-                        host_capacity=max(args.sessions + 10, 10), host_id="bench")
+    d.chmod(0o711)  # the users' accounts reach their own directories below (sockets, homes)
+    settings = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret="bench-" + "x" * 32,
+                        host_capacity=max(args.sessions + 10, 10), host_id="bench", heartbeat_interval_s=60)
     engine = Engine(settings)
     out: dict[str, Any] = {"machine": machine(), "params": vars(args)}
     try:
         await engine.start(background=False)
+        assert engine.isolation is not None
+        out["isolation"] = {"accounts": engine.isolation.accounts,
+                            "cgroups": engine.isolation.cgroups.version if engine.isolation.cgroups else None}
         if not args.skip_latency:  # first, while the machine is quiet (500 shells starting are not)
             out["input_latency"] = await bench_latency(engine, args.iterations, args.warmup,
                                                        args.libtmux_iterations or args.iterations)
         if not args.skip_memory:
-            out["memory"] = await bench_memory(engine, args.sessions)
+            out["memory"] = await bench_memory(engine, args.sessions, args.users)
     finally:
         await engine.stop(kill_servers=True)
         kill_tmux_servers(d)
@@ -232,22 +279,30 @@ def markdown(r: dict[str, Any]) -> str:
                      f"target (p50 <= 0.5 ms, >= 20x) met: {lat['target_met']}\n")
     if "memory" in r:
         mem = r["memory"]
-        b, w = mem["baseline_0_sessions"], mem["with_sessions"]
+        one, w = mem["one_session_per_user"], mem["with_sessions"]
+        spu = mem["sessions_per_user"]
         lines += [
-            f"memory: {mem['sessions']} idle sessions over {len(mem['sessions_per_shard'])} shards "
-            f"{mem['sessions_per_shard']} (created+settled in {mem['create_and_settle_s']} s)\n",
+            f"memory: {mem['sessions']} idle sessions over {mem['users']} users ({spu['min']}-{spu['max']} each), "
+            f"one tmux server per user, run as {mem['distinct_server_uids']} distinct uids "
+            f"{mem['tmux_server_uids']}; isolation {r.get('isolation')}; created+settled in "
+            f"{mem['create_and_settle_s']['one_per_user']} s + {mem['create_and_settle_s']['the_rest']} s\n",
             "| | servers PSS MB | pane procs PSS MB | ctl clients PSS MB | total PSS MB | total RSS MB |",
             "|---|---|---|---|---|---|",
         ]
-        for name, snap in (("0 sessions (baseline)", b), (f"{mem['sessions']} sessions", w)):
+        for name, snap in ((f"1 session per user ({one['sessions']})", one), (f"{w['sessions']} sessions", w)):
             lines.append(
                 f"| {name} | {snap['servers']['pss_kb'] / 1024:.1f} | {snap['pane_processes']['pss_kb'] / 1024:.1f} | "
                 f"{snap['control_clients']['pss_kb'] / 1024:.1f} | {snap['total_pss_kb'] / 1024:.1f} | "
                 f"{snap['total_rss_kb'] / 1024:.1f} |")
-        lines.append(f"\nPSS per session: {mem['pss_mb_per_session_gross']} MB gross, "
-                     f"{mem['pss_mb_per_session_marginal']} MB marginal (RSS gross "
-                     f"{mem['rss_mb_per_session_gross']} MB); baseline {mem['baseline_pss_mb_per_shard']} MB/shard; "
-                     f"target (<= 6 MB) met: {mem['target_met']}")
+        fp = mem["fixed_parts_per_user_mb"]
+        parts = ", ".join(f"{k} {v['pss']}" for k, v in fp.items())
+        lines.append(f"\nPSS per session: {mem['pss_mb_per_session_gross']} MB gross (RSS gross "
+                     f"{mem['rss_mb_per_session_gross']} MB); target (gross PSS <= 6 MB) met: {mem['target_met']}")
+        if "pss_mb_fixed_per_user" in mem:
+            lines.append(f"marginal PSS per session once its user's server runs: {mem['pss_mb_per_session_marginal']} "
+                         f"MB; fixed PSS per user (1-session-per-user total minus {mem['users']} x marginal): "
+                         f"{mem['pss_mb_fixed_per_user']} MB")
+        lines.append(f"per user, with 1 session each (PSS MB): {parts}")
     return "\n".join(lines)
 
 
@@ -257,7 +312,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2000)
     ap.add_argument("--libtmux-iterations", type=int, default=0, help="default: same as --iterations")
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--users", type=int, default=25,
+                    help="accounts the sessions are spread over, round-robin (one tmux server each)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")

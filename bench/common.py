@@ -49,6 +49,8 @@ def local_stack(hosts: int = 2, **extra_env: str) -> Iterator[Any]:
 
     base = Path(tempfile.mkdtemp(prefix="tmuxi-bench-", dir="/tmp"))
     sockets = Path(tempfile.mkdtemp(prefix="tb", dir="/tmp"))
+    base.chmod(0o711)  # the users' accounts reach their homes (under data/) and sockets through these
+    sockets.chmod(0o711)
     env = {"TMUXI_SESSION_QUOTA": "100000", "TMUXI_RATE_LIMIT_PER_MINUTE": "100000000"}
     env.update(extra_env)
     stack = LocalStack(data_dir=base / "data", hosts=hosts, socket_dir=sockets, gateway_port=free_port(),

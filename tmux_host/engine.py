@@ -356,12 +356,14 @@ class Engine:
             await asyncio.wait(tasks, timeout=timeout_s)
 
     def _schedule_refresh(self, server: UserServer) -> None:
-        """Re-read one server soon (a burst of notifications makes one refresh)."""
-        if self._stopping or not self._started or server.refreshing:
+        """Re-read one server soon: a burst of notifications (a user can make any number) makes one refresh."""
+        if self._stopping or not self._started or server.refresh_pending:
             return
+        server.refresh_pending = True
 
         async def run() -> None:
             await asyncio.sleep(0.02)
+            server.refresh_pending = False
             await self._refresh_server(server)
 
         self._spawn(run(), f"refresh-{server.account.name}")

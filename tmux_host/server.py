@@ -43,6 +43,7 @@ class UserServer:
         self.lock = lock  # the engine's, per account: start, stop, and creates against this server
         self.supervisor: asyncio.Task[None] | None = None
         self.refreshing = False
+        self.refresh_pending = False
         self.stopping = False
         self.pid: int | None = None  # the tmux server's
         self._rss: tuple[float, int | None] = (0.0, None)
