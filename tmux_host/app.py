@@ -51,144 +51,172 @@ def _error(exc: errors.AppError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status)
 
 
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> Any:
+    max_body = _settings(request).max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+        raise errors.PayloadTooLarge(f"body is over {max_body} bytes")
+    raw = await request.body()
+    if len(raw) > max_body:
+        raise errors.PayloadTooLarge(f"body is over {max_body} bytes")
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise errors.BadRequest(f"invalid body: {where} {first['msg']}".strip()) from None
+
+
+def sid(request: Request) -> UUID:
+    try:
+        return UUID(request.path_params["sid"])
+    except ValueError:
+        raise errors.NotFound("unknown session") from None
+
+
+def endpoint(template: str, handler: Handler, *, auth: bool = True) -> Handler:
+    """Auth, error mapping, metrics (route template label, never an id) and one structured log line."""
+
+    async def wrapped(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if auth:
+                given = request.headers.get(SECRET_HEADER, "").encode()
+                if not hmac.compare_digest(given, request.app.state.secret):
+                    raise errors.Unauthorized("missing or wrong host secret")
+            response = await handler(request)
+        except errors.AppError as exc:
+            if exc.status >= 500:
+                ERRORS.labels(component="host", kind=exc.code).inc()
+            response = _error(exc)
+        except Exception:
+            logger.exception("unhandled error", extra={"route": template})
+            ERRORS.labels(component="host", kind="internal_error").inc()
+            response = _error(errors.AppError("internal error"))
+        elapsed = time.perf_counter() - started
+        status = str(response.status_code)
+        REQUEST_DURATION.labels(component="host", route=template, status=status).observe(elapsed)
+        REQUESTS.labels(component="host", route=template, status=status).inc()
+        if template not in ("/health", "/metrics"):
+            logger.info("request", extra={"method": request.method, "route": template,
+                                          "status": response.status_code, "duration": round(elapsed * 1000, 3)})
+        return response
+
+    return wrapped
+
+
+# --- handlers ------------------------------------------------------------------------------------------
+async def create_session(request: Request) -> Response:
+    body = await read_json(request, CreateSessionBody)
+    out = await _engine(request).create_session(body.session_id, body.account, body.cols, body.rows)
+    return JSONResponse(out, status_code=201)
+
+
+async def list_sessions(request: Request) -> Response:
+    return JSONResponse({"sessions": await _engine(request).list_sessions()})
+
+
+async def kill_session(request: Request) -> Response:
+    await _engine(request).kill_session(sid(request))
+    return Response(status_code=204)
+
+
+async def send_input(request: Request) -> Response:
+    session_id = sid(request)
+    limit = _settings(request).max_input_bytes
+    body = await read_json(request, InputBody)
+    if body.data_b64 is None and body.keys is None:
+        raise errors.BadRequest("give data_b64 and/or keys")
+    data: bytes | None = None
+    if body.data_b64 is not None:
+        if len(body.data_b64) > (limit * 4) // 3 + 8:
+            raise errors.PayloadTooLarge(f"input is over {limit} bytes")
+        try:
+            data = base64.b64decode(body.data_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.BadRequest("data_b64 is not valid base64") from None
+        if len(data) > limit:
+            raise errors.PayloadTooLarge(f"input is over {limit} bytes")
+    if body.keys is not None:
+        bad = [k for k in body.keys if not KEY_NAME.match(k)]
+        if bad:
+            raise errors.BadRequest(f"unknown key names: {bad[:5]}")
+    await _engine(request).send_input(session_id, data=data, keys=body.keys)
+    return Response(status_code=204)
+
+
+async def screen(request: Request) -> Response:
+    session_id = sid(request)
+    q = request.query_params
+    escapes = q.get("escapes", "0") in ("1", "true", "yes")
+    try:
+        history = int(q.get("history", "0"))
+    except ValueError:
+        raise errors.BadRequest("history must be an integer") from None
+    if history < 0:
+        raise errors.BadRequest("history must be >= 0")
+    result = await _engine(request).screen(session_id, escapes=escapes, history=history)
+    return JSONResponse(result.model_dump())
+
+
+async def resize(request: Request) -> Response:
+    session_id = sid(request)
+    body = await read_json(request, ResizeRequest)
+    await _engine(request).resize(session_id, body.cols, body.rows)
+    return Response(status_code=204)
+
+
+async def exec_(request: Request) -> Response:
+    session_id = sid(request)
+    body = await read_json(request, ExecRequest)
+    result = await _engine(request).exec(session_id, body.command, body.timeout_s)
+    return JSONResponse(result.model_dump())
+
+
+async def health(request: Request) -> Response:
+    h = _engine(request).health()
+    return JSONResponse(h, status_code=503 if h["status"] == "down" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+
+S = "/v1/sessions/{sid}"
+ROUTES = [
+    Route("/v1/sessions", endpoint("/v1/sessions", create_session), methods=["POST"]),
+    Route("/v1/sessions", endpoint("/v1/sessions", list_sessions), methods=["GET"]),
+    Route(S, endpoint(S, kill_session), methods=["DELETE"]),
+    Route(S + "/input", endpoint(S + "/input", send_input), methods=["POST"]),
+    Route(S + "/screen", endpoint(S + "/screen", screen), methods=["GET"]),
+    Route(S + "/resize", endpoint(S + "/resize", resize), methods=["POST"]),
+    Route(S + "/exec", endpoint(S + "/exec", exec_), methods=["POST"]),
+    Route("/health", endpoint("/health", health, auth=False), methods=["GET"]),
+    Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),
+]
+
+
 def create_app(
     settings: Settings | None = None, *, registry: Registry | None = None, engine: Engine | None = None,
 ) -> Starlette:
     settings = settings or get_settings()
     engine = engine or Engine(settings, registry=registry)
-    secret = settings.require_host_secret().encode()
-    max_body = settings.max_body_bytes
-
-    async def read_json(request: Request, model: type[BaseModel]) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            raise errors.PayloadTooLarge(f"body is over {max_body} bytes")
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise errors.PayloadTooLarge(f"body is over {max_body} bytes")
-        try:
-            return model.model_validate_json(raw or b"{}")
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise errors.BadRequest(f"invalid body: {where} {first['msg']}".strip()) from None
-
-    def sid(request: Request) -> UUID:
-        try:
-            return UUID(request.path_params["sid"])
-        except ValueError:
-            raise errors.NotFound("unknown session") from None
-
-    def endpoint(template: str, handler: Handler, *, auth: bool = True) -> Handler:
-        """Auth, error mapping, metrics (route template label, never an id) and one structured log line."""
-
-        async def wrapped(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                if auth:
-                    given = request.headers.get(SECRET_HEADER, "").encode()
-                    if not hmac.compare_digest(given, secret):
-                        raise errors.Unauthorized("missing or wrong host secret")
-                response = await handler(request)
-            except errors.AppError as exc:
-                if exc.status >= 500:
-                    ERRORS.labels(component="host", kind=exc.code).inc()
-                response = _error(exc)
-            except Exception:
-                logger.exception("unhandled error", extra={"route": template})
-                ERRORS.labels(component="host", kind="internal_error").inc()
-                response = _error(errors.AppError("internal error"))
-            elapsed = time.perf_counter() - started
-            status = str(response.status_code)
-            REQUEST_DURATION.labels(component="host", route=template, status=status).observe(elapsed)
-            REQUESTS.labels(component="host", route=template, status=status).inc()
-            if template not in ("/health", "/metrics"):
-                logger.info("request", extra={"method": request.method, "route": template,
-                                              "status": response.status_code,
-                                              "duration": round(elapsed * 1000, 3)})
-            return response
-
-        return wrapped
-
-    # --- handlers --------------------------------------------------------------------------------
-    async def create_session(request: Request) -> Response:
-        body = await read_json(request, CreateSessionBody)
-        out = await engine.create_session(body.session_id, body.account, body.cols, body.rows)
-        return JSONResponse(out, status_code=201)
-
-    async def list_sessions(request: Request) -> Response:
-        return JSONResponse({"sessions": await engine.list_sessions()})
-
-    async def kill_session(request: Request) -> Response:
-        await engine.kill_session(sid(request))
-        return Response(status_code=204)
-
-    async def send_input(request: Request) -> Response:
-        session_id = sid(request)
-        body = await read_json(request, InputBody)
-        if body.data_b64 is None and body.keys is None:
-            raise errors.BadRequest("give data_b64 and/or keys")
-        data: bytes | None = None
-        if body.data_b64 is not None:
-            if len(body.data_b64) > (settings.max_input_bytes * 4) // 3 + 8:
-                raise errors.PayloadTooLarge(f"input is over {settings.max_input_bytes} bytes")
-            try:
-                data = base64.b64decode(body.data_b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise errors.BadRequest("data_b64 is not valid base64") from None
-            if len(data) > settings.max_input_bytes:
-                raise errors.PayloadTooLarge(f"input is over {settings.max_input_bytes} bytes")
-        if body.keys is not None:
-            bad = [k for k in body.keys if not KEY_NAME.match(k)]
-            if bad:
-                raise errors.BadRequest(f"unknown key names: {bad[:5]}")
-        await engine.send_input(session_id, data=data, keys=body.keys)
-        return Response(status_code=204)
-
-    async def screen(request: Request) -> Response:
-        session_id = sid(request)
-        q = request.query_params
-        escapes = q.get("escapes", "0") in ("1", "true", "yes")
-        try:
-            history = int(q.get("history", "0"))
-        except ValueError:
-            raise errors.BadRequest("history must be an integer") from None
-        if history < 0:
-            raise errors.BadRequest("history must be >= 0")
-        result = await engine.screen(session_id, escapes=escapes, history=history)
-        return JSONResponse(result.model_dump())
-
-    async def resize(request: Request) -> Response:
-        session_id = sid(request)
-        body = await read_json(request, ResizeRequest)
-        await engine.resize(session_id, body.cols, body.rows)
-        return Response(status_code=204)
-
-    async def exec_(request: Request) -> Response:
-        session_id = sid(request)
-        body = await read_json(request, ExecRequest)
-        result = await engine.exec(session_id, body.command, body.timeout_s)
-        return JSONResponse(result.model_dump())
-
-    async def health(request: Request) -> Response:
-        h = engine.health()
-        return JSONResponse(h, status_code=503 if h["status"] == "down" else 200)
-
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    S = "/v1/sessions/{sid}"
-    routes = [
-        Route("/v1/sessions", endpoint("/v1/sessions", create_session), methods=["POST"]),
-        Route("/v1/sessions", endpoint("/v1/sessions", list_sessions), methods=["GET"]),
-        Route(S, endpoint(S, kill_session), methods=["DELETE"]),
-        Route(S + "/input", endpoint(S + "/input", send_input), methods=["POST"]),
-        Route(S + "/screen", endpoint(S + "/screen", screen), methods=["GET"]),
-        Route(S + "/resize", endpoint(S + "/resize", resize), methods=["POST"]),
-        Route(S + "/exec", endpoint(S + "/exec", exec_), methods=["POST"]),
-        Route("/health", endpoint("/health", health, auth=False), methods=["GET"]),
-        Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),
-    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -198,14 +226,10 @@ def create_app(
         finally:
             await engine.stop()
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
-
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.engine = engine
     app.state.settings = settings
+    app.state.secret = settings.require_host_secret().encode()
     return app
 
 
