@@ -103,8 +103,10 @@ def test_shells_run_as_their_own_account_with_a_fresh_environment(pair: tuple[Us
     assert "TMUXI_SESSION_ID" in env and not any(
         line.split("=", 1)[0].startswith("TMUXI_") and not line.startswith("TMUXI_SESSION_ID=")
         for line in env.splitlines())
-    # no privilege to gain from a setuid binary
+    # no privilege to gain from a setuid binary; every process in the account's own cgroups
     assert a.exec("grep NoNewPrivs /proc/self/status")["output"].split() == ["NoNewPrivs:", "1"]
+    groups = a.exec("grep -E ':(memory|pids):' /proc/self/cgroup")["output"].split()
+    assert len(groups) == 2 and all(g.endswith(f"/tmuxi-{a.session()['host_id']}/a{a.account()}") for g in groups)
 
 
 def test_no_secret_in_any_environment_command_line_or_readable_file(stack: StackHandle,
