@@ -240,6 +240,10 @@ def machine() -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tmuxi.observability import logger
+
+    for h in logger._logger.handlers:  # noqa: SLF001 - the engine's log lines go to stderr, the results to stdout
+        h.stream = sys.stderr  # type: ignore[attr-defined]
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tb"))
     d.chmod(0o711)  # the users' accounts reach their own directories below (sockets, homes)
     settings = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret="bench-" + "x" * 32,

@@ -22,9 +22,11 @@ def main() -> int:
     args = ap.parse_args()
     q = args.quick
     runs = [
-        ("host input latency + memory per session",
-         ["bench/bench_host.py", "--sessions", "50" if q else "500", "--iterations", "300" if q else "2000"]),
-        ("session creation through the gateway", ["bench/bench_create.py", "--n", "20" if q else "100"]),
+        ("host input latency + memory per session (sessions over users, one tmux server per user)",
+         ["bench/bench_host.py", "--sessions", "50" if q else "500", "--users", "10" if q else "25",
+          "--iterations", "300" if q else "2000"]),
+        ("session creation through the gateway (a user's first session on a host, and later ones)",
+         ["bench/bench_create.py", "--n", "20" if q else "100", "--first", "10" if q else "50"]),
         ("GET /sessions/{id} through the gateway vs bare FastAPI",
          ["bench/bench_gateway.py", "--stack", *(["--duration", "3", "--rounds", "1"] if q else [])]),
     ]
