@@ -1,8 +1,9 @@
 """The local API Gateway: speaks API Gateway's REST shape so the local path is the AWS path.
 
 For every HTTP request it
-  1. matches the route table (``tmuxi.routes``) -- unknown route -> the MISSING_AUTHENTICATION_TOKEN gateway
-     response (configured as a 404 in our error shape);
+  1. matches the route table (``tmuxi.routes``) on the raw path's segments, as API Gateway does (a ``%2F``
+     inside a path parameter never changes the route) -- unknown route -> the MISSING_AUTHENTICATION_TOKEN
+     gateway response (configured as a 404 in our error shape);
   2. builds a REST proxy event (payload v1) exactly as API Gateway would;
   3. for a protected route: refuses with 401 when the identity source (the Authorization header) is absent,
      else builds the REQUEST authorizer event and invokes the real authorizer Lambda handler
@@ -10,7 +11,11 @@ For every HTTP request it
      on Allow puts ``principalId`` + the policy's context into ``requestContext.authorizer``;
   4. invokes the real API Lambda handler (Mangum) with a LambdaContext look-alike;
   5. translates the proxy result (statusCode, headers, multiValueHeaders, body, isBase64Encoded) to HTTP.
-It enforces API Gateway's 10 MB payload limit and 29 s integration timeout (504 on timeout).
+It enforces API Gateway's 10 MB payload limit (413 from Content-Length, before reading the body) and 29 s
+integration timeout (504 on timeout). Below the ASGI app, its HTTP protocol (``GatewayHttpProtocol``, uvicorn's
+httptools protocol with limits) bounds what one request may cost the server before any of that runs: the
+request URL (414) and header section (431) to ~10 KB each as API Gateway does, without buffering more, and the
+time to receive a request's head and body (408, connection closed; see ``HEADER_TIMEOUT_S``).
 
 The Lambda handlers are synchronous (Mangum drives its own ``run_until_complete``); where one runs depends on
 what the route waits on (``Route.work``):
@@ -21,14 +26,21 @@ what the route waits on (``Route.work``):
     worker process spent ~1.1 ms of CPU per request with a thread pool, see bench/bench_gateway.py).
     Such a call cannot be pre-empted; it is bounded by its dependencies' timeouts (Redis 0.25 s, PostgreSQL
     ``db_timeout_s``) rather than by the 29 s integration timeout.
-  - "slow" routes (a tmux host call, password hashing) run in a small thread pool, "long" routes (exec,
-    create) in a larger one, so neither holds up the rest; the integration timeout applies to both.
+    A data route whose raw path holds a percent-escape runs in the pool instead: the API decodes the path
+    before routing, so only such a path could reach another FastAPI route than the one matched here (the API
+    refuses that with 404 too, functions/api/app.py); inline work is never a tmux host call.
+  - "slow" routes (a tmux host call) run in a small thread pool, "long" routes (exec, create) in a larger one,
+    so neither holds up the rest; the integration timeout applies to both.
+  - "hash" routes (login: ~50 ms of scrypt) run in a pool of their own per worker process (``hash_workers``
+    threads at a lower CPU priority, at most ``hash_queue`` more waiting): a login flood is throttled -- 429
+    THROTTLED with Retry-After, as API Gateway throttles -- and never queues terminal work behind it.
 Authorizer + integration run in ONE call (one hop for pool routes).
 
 WebSocket: ``LocalGateway(websocket=...)`` takes an ASGI app for ``websocket`` scopes (the API Gateway
 WebSocket API comes in a later issue); without one, WebSocket connections are refused.
 
-Run it: ``uvicorn local.gateway:create_gateway_app --factory --loop uvloop --http httptools`` or ``serve()``.
+Run it: ``uvicorn local.gateway:create_gateway_app --factory --loop uvloop --http local.gateway:GatewayHttpProtocol``
+or ``serve()``.
 """
 from __future__ import annotations
 
@@ -39,11 +51,14 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import functools
+import json
+import os
 import re
 import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -333,6 +348,16 @@ def translate_response(result: Any) -> tuple[int, list[tuple[bytes, bytes]], byt
 
 # --- the gateway ------------------------------------------------------------------------------------------
 
+# Password hashing ("hash" routes), per worker process: this many threads hash at once, this many more requests
+# may wait; beyond that 429 THROTTLED. A hashing thread is a core's worth of scrypt (which releases the GIL); it
+# runs at the lowest CPU priority, so on a busy machine the CPU goes to terminal work first and a login waits
+# a little longer instead (measured: a login flood left screen reads at ~1.1x their latency with nice 19, 2.2x
+# with nice 0; tests/integration/test_gateway_edge.py).
+HASH_WORKERS = 1
+HASH_QUEUE = 4
+HASH_THREAD_NICE = 19
+THROTTLED_RETRY_AFTER_S = 1
+
 
 def _init_worker_loop() -> None:
     loop: asyncio.AbstractEventLoop
@@ -345,6 +370,13 @@ def _init_worker_loop() -> None:
     asyncio.set_event_loop(loop)
 
 
+def _init_hash_worker() -> None:
+    _init_worker_loop()
+    with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value (its tid)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HASH_THREAD_NICE))
+
+
 @dataclass(slots=True)
 class _Cached:
     expires: float
@@ -354,6 +386,8 @@ class _Cached:
 
 
 _GW = {k: (r.status, r.body_bytes()) for k, r in GATEWAY_RESPONSES.items()}
+_CLOSE = (b"connection", b"close")
+_RETRY_AFTER = (b"retry-after", str(THROTTLED_RETRY_AFTER_S).encode())
 
 
 class LocalGateway:
@@ -375,6 +409,8 @@ class LocalGateway:
         stage_variables: dict[str, str] | None = None,
         max_workers: int = 4,
         long_running_workers: int = 32,
+        hash_workers: int = HASH_WORKERS,
+        hash_queue: int = HASH_QUEUE,
         inline: bool = True,
         integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
@@ -404,6 +440,14 @@ class LocalGateway:
         self._slow_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=long_running_workers, thread_name_prefix="lambda-long", initializer=_init_worker_loop
         )
+        # Password hashing: a pool of its own with a bounded queue (admitted = running + waiting, counted
+        # until the thread is done with it, even past an integration timeout).
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=hash_workers, thread_name_prefix="lambda-hash", initializer=_init_hash_worker
+        )
+        self._hash_capacity = hash_workers + hash_queue
+        self._hash_admitted = 0
+        self._hash_lock = threading.Lock()
         self.inline = inline
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._cache: dict[str, _Cached] = {}
@@ -426,6 +470,7 @@ class LocalGateway:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._slow_pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
         if self._inline_loop is not None:
             self._inline_loop.close()
             self._inline_loop = None
@@ -460,11 +505,12 @@ class LocalGateway:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _gateway_response(self, send: Any, kind: str, request_id: str) -> None:
+    async def _gateway_response(self, send: Any, kind: str, request_id: str,
+                                *extra: tuple[bytes, bytes]) -> None:
         status, body = _GW[kind]
         await self._send(send, status, [(b"content-type", b"application/json"),
                                         (b"x-amzn-errortype", kind.encode()),
-                                        (b"x-amzn-requestid", request_id.encode())], body)
+                                        (b"x-amzn-requestid", request_id.encode()), *extra], body)
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request_id = str(uuid.uuid4())
@@ -484,7 +530,8 @@ class LocalGateway:
         identity: str | None = None
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit() and int(v) > self.max_payload_bytes:
-                await self._gateway_response(send, "REQUEST_TOO_LARGE", request_id)
+                # from the header, before reading any of it; the connection is closed, not drained
+                await self._gateway_response(send, "REQUEST_TOO_LARGE", request_id, _CLOSE)
                 return
             if k == self._identity:
                 identity = v.decode("latin-1")
@@ -496,6 +543,10 @@ class LocalGateway:
         headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
         if server and server[1]:
             headers.append(("x-forwarded-port", str(server[1])))
+
+        if route.work == "hash" and self._hash_admitted >= self._hash_capacity:  # cheap early refusal
+            await self._gateway_response(send, "THROTTLED", request_id, _RETRY_AFTER)
+            return
 
         # body
         message = await receive()
@@ -510,7 +561,7 @@ class LocalGateway:
                     return
                 buf += message.get("body", b"")
                 if len(buf) > self.max_payload_bytes:
-                    await self._gateway_response(send, "REQUEST_TOO_LARGE", request_id)
+                    await self._gateway_response(send, "REQUEST_TOO_LARGE", request_id, _CLOSE)
                     return
                 if not message.get("more_body", False):
                     break
@@ -547,8 +598,14 @@ class LocalGateway:
                 auth_event = build_authorizer_event(event, self.region)
 
         try:
-            if route.work == "data" and self.inline:
+            if route.work == "data" and self.inline and "%" not in path:
                 outcome = self._invoke_inline(auth_event, event)
+            elif route.work == "hash":
+                future = self._submit_hash(auth_event, event)
+                if future is None:
+                    await self._gateway_response(send, "THROTTLED", request_id, _RETRY_AFTER)
+                    return
+                outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.integration_timeout_s)
             else:
                 outcome = await asyncio.wait_for(
                     asyncio.get_running_loop().run_in_executor(
@@ -570,6 +627,26 @@ class LocalGateway:
         status, out_headers, out_body = payload
         out_headers.append((b"x-amzn-requestid", request_id.encode()))
         await self._send(send, status, out_headers, out_body)
+
+    def _submit_hash(
+        self, auth_event: dict[str, Any] | None, event: dict[str, Any]
+    ) -> concurrent.futures.Future[tuple[str, Any, _Cached | None]] | None:
+        """``_invoke`` in the hash pool, or None when as many requests as it admits are running or waiting."""
+        with self._hash_lock:
+            if self._hash_admitted >= self._hash_capacity:
+                return None
+            self._hash_admitted += 1
+        try:
+            future = self._hash_pool.submit(self._invoke, auth_event, event)
+        except BaseException:
+            self._hash_done(None)
+            raise
+        future.add_done_callback(self._hash_done)  # done, failed or cancelled while still waiting
+        return future
+
+    def _hash_done(self, _future: object) -> None:
+        with self._hash_lock:
+            self._hash_admitted -= 1
 
     def _invoke_inline(
         self, auth_event: dict[str, Any] | None, event: dict[str, Any]
@@ -626,6 +703,232 @@ class LocalGateway:
         return "INTEGRATION_FAILURE", None, decision
 
 
+# --- HTTP: requests bounded as API Gateway bounds them ------------------------------------------------------
+# uvicorn's httptools protocol buffers a request line and headers of any size and waits for a request's head
+# and body for ever (only an idle kept-alive connection is timed out, by timeout_keep_alive), so a few clients
+# could hold any amount of a worker's memory and connections. ``GatewayHttpProtocol`` (uvicorn
+# ``--http local.gateway:GatewayHttpProtocol``) adds the limits; its per-request cost is a few attribute
+# updates (the read deadlines are checked by one timer per worker, not one per request).
+MAX_URL_BYTES = 10 * 1024  # request target (path + query) longer -> 414 (API Gateway: URLs up to ~10 KB)
+MAX_HEADER_BYTES = 10 * 1024  # header section (names, values, separators) larger -> 431 (API Gateway: ~10 KB)
+HEADER_TIMEOUT_S = 10.0  # a request's line and headers must arrive within this of their first byte (a new
+#                          connection: of its opening) -> 408 and the connection closed (nothing sent yet: closed)
+BODY_TIMEOUT_S = 10.0  # its body (Content-Length or chunked) within this of the headers -> 408, closed
+KEEP_ALIVE_TIMEOUT_S = 5  # an idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive)
+DEADLINE_CHECK_S = 0.5  # how often a worker checks its connections' read deadlines (so they hold to within this)
+LINGER_S = 1.0  # after refusing a request (414/431): what the client still sends is read and dropped for at
+#                 most this long, so that it reads the answer rather than a connection reset
+HTTP_PROTOCOL = "local.gateway:GatewayHttpProtocol"
+
+
+def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+_REFUSALS = {
+    408: _raw_response(408, "Request Timeout", "request_timeout", "request not received in time"),
+    414: _raw_response(414, "URI Too Long", "uri_too_long", f"request URL longer than {MAX_URL_BYTES} bytes"),
+    431: _raw_response(431, "Request Header Fields Too Large", "headers_too_large",
+                       f"request headers larger than {MAX_HEADER_BYTES} bytes"),
+}
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request that is refused with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_PROTOCOL: list[type[Any]] = []
+
+
+def _gateway_http_protocol() -> type[Any]:
+    """``GatewayHttpProtocol``, built on first use (importing uvicorn's protocols is not free)."""
+    if not _PROTOCOL:
+        _PROTOCOL.append(_build_gateway_http_protocol())
+    return _PROTOCOL[0]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``local.gateway:GatewayHttpProtocol`` for uvicorn --http
+    if name == "GatewayHttpProtocol":
+        return _gateway_http_protocol()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build_gateway_http_protocol() -> type[Any]:
+    import httptools
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    watched: weakref.WeakSet[ServerState] = weakref.WeakSet()
+
+    class GatewayHttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, bounded: a request line whose URL is longer than ``max_url_bytes`` is
+        answered 414, a header section larger than ``max_header_bytes`` 431, and no more than those two limits
+        (plus the request line's method and version) of a request's head is ever given to the parser, whatever
+        the client sends. A request whose head (``header_timeout_s``) or body (``body_timeout_s``) does not
+        arrive in time is answered 408 and its connection closed; a connection that sends nothing is closed.
+        Time during which the server itself does not read (it is still answering an earlier request on the
+        connection) does not count. The limits are class attributes: a subclass may set others."""
+
+        max_url_bytes = MAX_URL_BYTES
+        max_header_bytes = MAX_HEADER_BYTES
+        header_timeout_s = HEADER_TIMEOUT_S
+        body_timeout_s = BODY_TIMEOUT_S
+        deadline_check_s = DEADLINE_CHECK_S
+        linger_s = LINGER_S
+
+        def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                     _loop: asyncio.AbstractEventLoop | None = None) -> None:
+            super().__init__(config, server_state, app_state, _loop)
+            self._in_head = True  # reading a request's line and headers (or waiting for the next request)
+            self._head_bytes = 0  # bytes of it given to the parser (with what followed it in the same reads)
+            self._head_t = 0.0  # when its first byte came (a new connection: when it opened); 0: not reading one
+            self._body_t = 0.0  # when the headers of a request whose body is still to come were complete
+            self._refused = False
+            # the most of a head that can be within the limits: method, URL, version, header lines
+            self._head_limit = self.max_url_bytes + self.max_header_bytes + 64
+
+        # the connection --------------------------------------------------------------------------------
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_t = self.loop.time()
+            if self.server_state not in watched:
+                watched.add(self.server_state)
+                self._watch(self.loop, self.server_state)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # refused: what the client still sends is dropped until the connection closes
+            if self.timeout_keep_alive_task is not None:
+                self._unset_keepalive_if_required()
+            if self._in_head:  # (a body is bounded by the ASGI app; uvicorn stops reading past 64 KB of it)
+                if not self._head_t:
+                    self._head_t = self.loop.time()
+                n = self._head_bytes + len(data)
+                if n > self._head_limit:
+                    self._head_overflow(data)
+                    return
+                self._head_bytes = n
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._upgrade()
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+
+        def _head_overflow(self, data: bytes) -> None:
+            """More than a head within the limits can hold: give the parser only that much."""
+            room = self._head_limit - self._head_bytes
+            self._head_bytes = self._head_limit
+            try:
+                self.parser.feed_data(data[:room])
+            except httptools.HttpParserUpgrade:
+                self._upgrade()
+                return
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+                return
+            if self._in_head:  # and the head is still not complete
+                self._refuse(414 if len(self.url) > self.max_url_bytes else 431)
+            else:  # it was: the rest is its body, or the next request
+                self.data_received(data[room:])
+
+        def _upgrade(self) -> None:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+        def _parse_failed(self, exc: Exception) -> None:
+            if isinstance(exc.__context__, _Refused):  # raised by a callback below
+                self._refuse(exc.__context__.status)
+                return
+            msg = "Invalid HTTP request received."  # as uvicorn answers
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+
+        def _refuse(self, status: int) -> None:
+            """Answer ``status`` (unless another answer is under way) and close, reading and dropping what the
+            client still sends for at most ``linger_s``, so that it gets the answer."""
+            self._refused = True
+            transport = self.transport
+            if transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:
+                transport.write(_REFUSALS[status])
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.loop.call_later(self.linger_s, transport.close)
+            else:
+                transport.close()
+
+        # parser callbacks ----------------------------------------------------------------------------------
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._head_t = 0.0
+            url = len(self.url)
+            if url > self.max_url_bytes:
+                raise _Refused(414)
+            # the head's bytes bound the header section's size; count it exactly only when they could exceed it
+            if self._head_bytes - url > self.max_header_bytes and \
+                    sum(len(k) + len(v) + 4 for k, v in self.headers) > self.max_header_bytes:  # "k: v\r\n"
+                raise _Refused(431)
+            self._body_t = self.loop.time()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            self._head_bytes = 0
+            self._body_t = 0.0
+            super().on_message_complete()
+
+        # read deadlines ------------------------------------------------------------------------------------
+        @classmethod
+        def _watch(cls, loop: asyncio.AbstractEventLoop, server_state: ServerState) -> None:
+            """One timer per server (worker process) checks its connections' read deadlines."""
+
+            def check() -> None:
+                try:
+                    now = loop.time()
+                    for conn in list(server_state.connections):
+                        if isinstance(conn, GatewayHttpProtocol):
+                            conn._check_deadlines(now)
+                finally:
+                    loop.call_later(cls.deadline_check_s, check)
+
+            loop.call_later(cls.deadline_check_s, check)
+
+        def _check_deadlines(self, now: float) -> None:
+            transport = self.transport
+            if self._refused or transport is None or transport.is_closing():
+                return
+            cycle = self.cycle
+            if self.flow.read_paused or (self._head_t and cycle is not None and not cycle.response_complete):
+                # the server is not reading, or still answering the previous request: not the client's time
+                self._head_t = self._head_t and now
+                self._body_t = self._body_t and now
+                return
+            if self._head_t:
+                if now - self._head_t > self.header_timeout_s:
+                    if self._head_bytes:
+                        transport.write(_REFUSALS[408])
+                    transport.close()
+            elif self._body_t and now - self._body_t > self.body_timeout_s:
+                if cycle is not None and not cycle.response_started:
+                    transport.write(_REFUSALS[408])
+                    cycle.disconnected = True  # the app reading the body gets http.disconnect
+                    cycle.message_event.set()
+                transport.close()
+
+    return GatewayHttpProtocol
+
+
 # --- entry points -----------------------------------------------------------------------------------------
 
 
@@ -638,8 +941,9 @@ def _uvicorn_config(app: Any, host: str, port: int, **kwargs: Any) -> Any:
     import uvicorn
 
     # proxy_headers off: the gateway is the edge, so sourceIp is the TCP peer, never a client's X-Forwarded-For
-    opts: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "lifespan": "on", "access_log": False,
-                            "proxy_headers": False, "log_level": "warning", "timeout_keep_alive": 30}
+    opts: dict[str, Any] = {"loop": "uvloop", "http": _gateway_http_protocol(), "lifespan": "on",
+                            "access_log": False, "proxy_headers": False, "log_level": "warning",
+                            "timeout_keep_alive": KEEP_ALIVE_TIMEOUT_S}
     opts.update(kwargs)
     return uvicorn.Config(app, host=host, port=port, **opts)
 
@@ -659,7 +963,8 @@ def serve(host: str | None = None, port: int | None = None, **gateway_kwargs: An
 class BackgroundGateway:
     """The gateway served by uvicorn in a daemon thread (tests, benchmarks). ``port=0`` picks a free port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, **gateway_kwargs: Any) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, uvicorn_options: dict[str, Any] | None = None,
+                 **gateway_kwargs: Any) -> None:
         import uvicorn
 
         self.app = create_gateway_app(**gateway_kwargs)
@@ -667,7 +972,7 @@ class BackgroundGateway:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        self.server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port))
+        self.server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port, **(uvicorn_options or {})))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name="local-gateway", daemon=True)
 

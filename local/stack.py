@@ -207,10 +207,14 @@ class LocalStack:
             _stop_proc(proc, sig)
 
     def start_gateway(self) -> None:
+        from local.gateway import HTTP_PROTOCOL, KEEP_ALIVE_TIMEOUT_S
+
         _log(f"starting the local API gateway on {self.gateway_url} ...")
         self.gateway_proc = self._spawn(
+            # uvicorn's httptools protocol with API Gateway's request limits and read timeouts (local/gateway.py)
             [sys.executable, "-m", "uvicorn", "local.gateway:create_gateway_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(self.gateway_port), "--loop", "uvloop", "--http", "httptools",
+             "--host", "127.0.0.1", "--port", str(self.gateway_port), "--loop", "uvloop", "--http", HTTP_PROTOCOL,
+             "--timeout-keep-alive", str(KEEP_ALIVE_TIMEOUT_S),
              "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
              "--workers", str(self._gateway_workers())],
             "gateway.log", self._child_env(),
@@ -240,14 +244,18 @@ class LocalStack:
         raise TimeoutError(f"stack not healthy after {timeout_s}s: {last}; see logs in {self.log_dir}")
 
     def ensure_user(self, username: str, password: str, role: str = "user") -> None:
-        from tmuxi.auth import hash_password
+        """Create the user, or give it this password if it has another (which ends its tokens)."""
+        from tmuxi.auth import hash_password, verify_password
         from tmuxi.db import repo
         from tmuxi.errors import Conflict
+        from tmuxi.services import users
 
         try:
             repo.create_user(username, hash_password(password), role)
         except Conflict:
-            repo.set_password(username, hash_password(password))
+            row = repo.get_user_by_username(username)
+            if row is None or not verify_password(password, row["password_hash"]):
+                users.set_password(username, hash_password(password))
 
     def stop(self, kill_tmux: bool = True, keep_deps: bool = False) -> None:
         if self.gateway_proc is not None:

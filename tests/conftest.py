@@ -33,6 +33,10 @@ TEST_ENV = {
     "TMUXI_USER_MEMORY_MB": "512",
     "TMUXI_USER_MAX_FILE_MB": "64",
     "TMUXI_USER_TMUX_MEMORY_MB": "16",
+    # all test traffic comes from 127.0.0.1: the per-source limits are tested with other addresses
+    # (tests/integration/test_throttle.py), here they must not throttle the suite
+    "TMUXI_PUBLIC_RATE_LIMIT_PER_MINUTE": "1000000",
+    "TMUXI_LOGIN_SOURCE_FREE_FAILURES": "1000000",
 }
 
 

@@ -148,7 +148,7 @@ async def send_input(request: Request) -> Response:
         if len(data) > limit:
             raise errors.PayloadTooLarge(f"input is over {limit} bytes")
     if body.keys is not None:
-        bad = [k for k in body.keys if not KEY_NAME.match(k)]
+        bad = [k for k in body.keys if not KEY_NAME.fullmatch(k)]
         if bad:
             raise errors.BadRequest(f"unknown key names: {bad[:5]}")
     await _engine(request).send_input(session_id, data=data, keys=body.keys)

@@ -44,9 +44,9 @@ from tmuxi.observability import (
 )
 from tmuxi.settings import Settings, env_name
 
-SESSION_NAME = re.compile(r"^t([0-9a-f]{32})$")
-ACCOUNT_DIR = re.compile(r"^a([1-9][0-9]{0,9})$")
-_SAFE_PATH = re.compile(r"^[A-Za-z0-9/_.+-]+$")
+SESSION_NAME = re.compile(r"^t([0-9a-f]{32})\Z")
+ACCOUNT_DIR = re.compile(r"^a([1-9][0-9]{0,9})\Z")
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9/_.+-]+\Z")
 MAX_SOCKET_PATH = 100
 # Bytes per `send-keys -H` line. tmux 3.3a parses send-keys arguments in quadratic time (4096 hex args:
 # ~100 ms, 256: ~0.3 ms), so -H lines stay short and bigger inputs take the paste path below.
@@ -545,7 +545,7 @@ class Engine:
                 lines.append(f"send-keys -t {target} -H " + data[off:off + HEX_CHUNK].hex(" "))
         if keys:
             keys = list(keys)
-            bad = [k for k in keys if not isinstance(k, str) or not KEY_NAME.match(k)]
+            bad = [k for k in keys if not isinstance(k, str) or not KEY_NAME.fullmatch(k)]
             if bad:
                 raise errors.BadRequest(f"unknown key names: {bad[:5]}")
             for off in range(0, len(keys), 128):

@@ -11,15 +11,19 @@ nothing and saves a thread hop per request. Do not serve this app with a plain A
 """
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 import tmuxi
 from tmuxi.errors import AppError, Unauthorized
@@ -37,12 +41,17 @@ from tmuxi.models import (
     SessionList,
     TokenRequest,
     TokenResponse,
+    User,
+    UserUpdate,
     ValidateResponse,
 )
 from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger
+from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
 from tmuxi.services import health as health_service
 from tmuxi.services import sessions as sessions_service
+from tmuxi.services import throttle
+from tmuxi.services import users as users_service
 from tmuxi.settings import get_settings
 
 COMPONENT = "api"
@@ -93,6 +102,24 @@ app = FastAPI(
     redoc_url=None,
     swagger_ui_oauth2_redirect_url=None,
 )
+
+
+class _ResourceRoute(APIRoute):
+    """Serves exactly the resource API Gateway matched (the event's ``resource``), else "no such route" (404).
+    API Gateway matches the raw path, Mangum hands FastAPI the DECODED one: ``/sessions/<id>%2Fscreen`` is
+    ``/sessions/{id}`` (id ``<id>/screen``) at the edge but would reach the screen route here. One comparison,
+    on the matched route only; without an API Gateway event (the app called directly) there is nothing to
+    compare."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        event = scope.get("aws.event")
+        if event is not None and event.get("resource") != self.path_format:
+            scope.pop("route", None)  # logged and counted under the resource API Gateway matched
+            raise StarletteHTTPException(404)
+        await super().handle(scope, receive, send)
+
+
+app.router.route_class = _ResourceRoute  # before any route is declared
 
 
 # --- identity ---------------------------------------------------------------------------------------------
@@ -190,9 +217,11 @@ async def exec_command(id: UUID, body: ExecRequest, request: Request) -> Respons
 
 
 @app.post("/auth/token", response_model=TokenResponse, tags=["auth"],
-          responses={**_COMMON, 401: _err("Wrong username or password")})
-async def login(body: TokenRequest) -> TokenResponse:
-    return auth_service.login(body)
+          responses={**_COMMON, 401: _err("Wrong username or password"),
+                     429: _err("Locked out after failed logins (username or address), or too many requests from "
+                               "the address; Retry-After says when to try again")})
+async def login(body: TokenRequest, request: Request) -> TokenResponse:
+    return auth_service.login(body, throttle.source_ip(request.scope.get("aws.event")))
 
 
 @app.post("/auth/revoke", status_code=204, response_class=Response, tags=["auth"], responses=_AUTHED)
@@ -213,6 +242,43 @@ async def validate(request: Request) -> ValidateResponse:
     return auth_service.validate(p)
 
 
+# --- users (admins only) ---------------------------------------------------------------------------------
+# A change ends the user's tokens (except enable): every process refuses them from its next request, within
+# TMUXI_USER_STATE_TTL_S at worst (services/users.py).
+_ADMIN: dict[int | str, dict[str, Any]] = {
+    **_AUTHED,
+    403: _err("The caller is not an admin"),
+    404: _err("No such user"),
+    409: _err("Admins cannot disable, demote or delete themselves"),
+}
+
+
+@app.post("/users/{username}/disable", response_model=User, tags=["users"], responses=_ADMIN)
+async def disable_user(username: str, request: Request) -> Response:
+    return _json(users_service.disable_user(principal(request), username))
+
+
+@app.post("/users/{username}/enable", response_model=User, tags=["users"], responses=_ADMIN)
+async def enable_user(username: str, request: Request) -> Response:
+    return _json(users_service.enable_user(principal(request), username))
+
+
+@app.post("/users/{username}/revoke-tokens", response_model=User, tags=["users"], responses=_ADMIN)
+async def revoke_user_tokens(username: str, request: Request) -> Response:
+    return _json(users_service.revoke_user_tokens(principal(request), username))
+
+
+@app.patch("/users/{username}", response_model=User, tags=["users"], responses=_ADMIN)
+async def update_user(username: str, body: UserUpdate, request: Request) -> Response:
+    return _json(users_service.update_user(principal(request), username, body))
+
+
+@app.delete("/users/{username}", status_code=204, response_class=Response, tags=["users"], responses=_ADMIN)
+async def delete_user(username: str, request: Request) -> Response:
+    users_service.delete_user(principal(request), username)
+    return Response(status_code=204)
+
+
 # --- operations -------------------------------------------------------------------------------------------
 
 
@@ -228,8 +294,25 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _request_ids(scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The ids a log line is found by: API Gateway's requestId and the Lambda invocation's aws_request_id."""
+    event = scope.get("aws.event") or {}
+    return {"request_id": (event.get("requestContext") or {}).get("requestId"),
+            "lambda_request_id": getattr(scope.get("aws.context"), "aws_request_id", None)}
+
+
 @app.exception_handler(AppError)
 async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+    if exc.status >= 500 or exc.internal:
+        # what the body leaves out (host ids, addresses, capacities, tmux text, a dependency's words) is logged
+        cause = exc.__cause__
+        ERRORS.labels(component=COMPONENT, kind=exc.code).inc()
+        (logger.warning if exc.status >= 500 else logger.info)("request failed", extra={
+            "route": _route_template(request.scope), "status": exc.status, "code": exc.code,
+            "error": exc.message, "internal": exc.internal,
+            "cause": f"{type(cause).__name__}: {cause}"[:500] if cause is not None else None,
+            **_request_ids(request.scope),
+        })
     headers = None
     retry_after = exc.details.get("retry_after_s") if exc.details else None
     if exc.status in (429, 503) and isinstance(retry_after, int | float):
@@ -307,6 +390,12 @@ class _EdgeMiddleware:
             await send(message)
 
         try:
+            if (scope.get("method"), _resource(scope)) in _PUBLIC_ROUTES:
+                limited = throttle.public_request(_source_ip(scope))
+                if limited is not None:
+                    await self._send(send_wrapper, 429, json.dumps(limited.to_body()).encode(),
+                                     [(b"retry-after", str(limited.details["retry_after_s"]).encode())])
+                    return
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     if value.isdigit() and int(value) > limit:
@@ -340,16 +429,16 @@ class _EdgeMiddleware:
                 await self._send(send_wrapper, 413, _TOO_LARGE)
         except Exception:
             ERRORS.labels(component=COMPONENT, kind="unhandled").inc()
-            logger.exception("unhandled error", extra={"route": _route_template(scope)})
+            logger.exception("unhandled error", extra={"route": _route_template(scope), **_request_ids(scope)})
             if not state["status"]:
                 await self._send(send_wrapper, 500, _INTERNAL)
         finally:
             self._log(scope, state["status"] or 500, start)
 
     @staticmethod
-    async def _send(send: Any, status: int, body: bytes) -> None:
+    async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         await send({"type": "http.response.start", "status": status,
-                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
@@ -365,8 +454,6 @@ class _EdgeMiddleware:
             )
         children[0].inc()
         children[1].observe(elapsed)
-        event = scope.get("aws.event") or {}
-        ctx = scope.get("aws.context")
         logger.info(
             "request",
             extra={
@@ -374,13 +461,29 @@ class _EdgeMiddleware:
                 "route": route,
                 "status": status,
                 "duration": round(elapsed * 1000, 3),
-                "request_id": (event.get("requestContext") or {}).get("requestId"),
-                "lambda_request_id": getattr(ctx, "aws_request_id", None),
+                **_request_ids(scope),
             },
         )
 
 
-def _route_template(scope: dict[str, Any]) -> str:
+# Routes without a token (per source address limit, services/throttle.py)
+_PUBLIC_ROUTES = frozenset((r.method, r.resource) for r in ROUTES if not r.protected)
+
+
+def _resource(scope: dict[str, Any]) -> str | None:
+    """The API Gateway resource of the request (the path where there is no event)."""
+    event = scope.get("aws.event")
+    if isinstance(event, dict) and event.get("resource"):
+        return str(event["resource"])
+    return scope.get("path")
+
+
+def _source_ip(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    return throttle.source_ip(scope.get("aws.event")) or (str(client[0]) if client and client[0] else None)
+
+
+def _route_template(scope: Mapping[str, Any]) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if path:

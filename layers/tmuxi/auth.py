@@ -39,15 +39,27 @@ def verify_password(password: str, stored: str | None) -> bool:
     return hmac.compare_digest(digest, base64.b64decode(digest_b64)) and stored is not None
 
 
-def issue_token(user_id: uuid.UUID, username: str, role: str) -> tuple[str, int]:
+def issue_token(user_id: uuid.UUID, username: str, role: str, epoch: int | None = None) -> tuple[str, int]:
+    """A token for a user as read from PostgreSQL. ``epoch``: the user's ``token_epoch`` read with ``role`` (the
+    token is refused once it changes: services/auth.py); when not given it is read here, which leaves a window
+    (between the caller's read and this one) in which a new password or "end all tokens" is not seen by it."""
     s = get_settings()
     now = int(time.time())
+    if epoch is None:
+        epoch = _current_epoch(user_id)
     claims = {
-        "sub": str(user_id), "name": username, "role": role, "jti": uuid.uuid4().hex,
+        "sub": str(user_id), "name": username, "role": role, "epoch": epoch, "jti": uuid.uuid4().hex,
         "iat": now, "nbf": now, "exp": now + s.jwt_ttl_s, "iss": s.jwt_issuer, "aud": s.jwt_audience,
     }
     token = jwt.encode(claims, s.require_jwt_secret(), algorithm=ALGORITHM, headers={"typ": TOKEN_TYPE})
     return token, s.jwt_ttl_s
+
+
+def _current_epoch(user_id: uuid.UUID) -> int:
+    from tmuxi.db import repo  # here: tokens are made and checked without a database otherwise
+
+    row = repo.get_user_state(user_id)
+    return int(row["token_epoch"]) if row is not None else 0
 
 
 def decode_token(token: str) -> dict[str, Any]:
@@ -76,6 +88,9 @@ def decode_token(token: str) -> dict[str, Any]:
     except jwt.PyJWTError as exc:
         raise Unauthorized("malformed token", reason="malformed") from exc
     if claims.get("role") not in ("user", "admin") or not isinstance(claims.get("name"), str):
+        raise Unauthorized("malformed token", reason="claims")
+    epoch = claims.setdefault("epoch", 0)  # tokens issued before epochs existed: 0, every user's first epoch
+    if type(epoch) is not int or epoch < 0:
         raise Unauthorized("malformed token", reason="claims")
     try:
         uuid.UUID(claims["sub"])

@@ -1,4 +1,4 @@
-"""Redis: the session cache, the token revocation list and per-user rate limits.
+"""Redis: the session cache, users' token state, the token revocation list and per-user rate limits.
 
 Redis is not on the critical path. Every call goes through ``_gate``: when Redis cannot be reached the call
 returns ``DOWN`` at once (for ``redis_retry_after_s``) and callers fall back to PostgreSQL or to an in-process
@@ -97,6 +97,8 @@ class _Gate:
                 self._client.close()
             _tracker.drop()
             _mac_key.cache_clear()
+            _user_entries.clear()  # verified with that key
+            _session_entries.clear()
             self._client = None
             self._down_until = 0.0
             self._was_down = False
@@ -156,6 +158,29 @@ def invalidate_session(session_id: str) -> None:
         _gate.mark_missed_write()
 
 
+# verified session entries, by value: each distinct entry is verified and parsed once. Besides the work, this keeps
+# a lookup of another user's (cached) session as cheap as one of an id with no entry (services/sessions.py _load).
+_session_entries: dict[tuple[str, str], tuple[dict[str, Any], Any] | None] = {}
+
+
+def _read_session(key: str, raw: str, gen: int) -> dict[str, Any] | None:
+    memo = (key, raw)
+    if memo in _session_entries:
+        hit = _session_entries[memo]
+    else:
+        hit = None
+        payload = _verified(key, raw)
+        if payload is not None:
+            entry = json.loads(payload)
+            hit = (entry, entry.pop("_g", None))
+        if len(_session_entries) >= _MAX_TRACKED_KEYS:
+            _session_entries.clear()
+        _session_entries[memo] = hit
+    if hit is None or hit[1] != gen:
+        return None
+    return dict(hit[0])
+
+
 # --- token revocations -----------------------------------------------------------------------------
 def is_revoked(jti: str) -> bool | None:
     """True/False when Redis knows, None when it cannot say (down, or restarted and not yet re-warmed)."""
@@ -189,6 +214,99 @@ def load_revocations(entries: list[tuple[str, int]]) -> None:
     _gate.call(_load)
 
 
+# --- users' token state ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """What a user's tokens depend on (PostgreSQL ``users``): a token is good while the user is enabled and has
+    the epoch and role the token was issued with."""
+
+    epoch: int
+    role: str
+    disabled: bool
+
+
+UNKNOWN_USER: Final = UserState(-1, "user", True)  # no such user: no token of it is good
+
+# An entry "user:<id>" is signed like a session entry and carries the cache generation and an expiry time (so it
+# lasts user_state_ttl_s however late Redis expires it). Entries are only ever replaced by ones with an epoch at
+# least as high: a request that read PostgreSQL just before a change cannot put the old state back after the
+# writer put the new one. Unless it is the very entry the reader found unusable (stale generation, bad MAC):
+# it read PostgreSQL after that entry was written, so its state is at least as new.
+_PUT_USER = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[4] then
+  local ok, e = pcall(cjson.decode, string.sub(cur, 66))
+  if ok and type(e) == 'table' and type(e['epoch']) == 'number' and e['epoch'] > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+_user_entries: dict[tuple[str, str], tuple[UserState, int, float] | None] = {}  # verified entries, by value
+
+
+def _user_key(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def _put_user(r: redis.Redis, user_id: str, state: UserState, gen: int, replacing: str | None) -> Any:
+    ttl = get_settings().user_state_ttl_s
+    key = _user_key(user_id)
+    entry = {"epoch": state.epoch, "role": state.role, "disabled": state.disabled, "_g": gen,
+             "exp": round(time.time() + ttl, 3)}
+    return r.eval(_PUT_USER, 1, key, _sign(key, json.dumps(entry)), int(ttl) + 1, state.epoch, replacing or "")
+
+
+def _read_user(key: str, raw: str | None, gen: int) -> UserState | None:
+    """A user's state from its entry, if the entry is genuine, of this generation and not expired. Each
+    distinct entry is verified once (the same one serves every request of the user until it changes)."""
+    if raw is None:
+        return None
+    memo = (key, raw)
+    if memo in _user_entries:
+        hit = _user_entries[memo]
+    else:
+        hit = None
+        payload = _verified(key, raw)
+        if payload is not None:
+            try:
+                e = json.loads(payload)
+                hit = (UserState(int(e["epoch"]), str(e["role"]), bool(e["disabled"])), int(e["_g"]),
+                       float(e["exp"]))
+            except (ValueError, KeyError, TypeError):
+                hit = None
+        if len(_user_entries) >= _MAX_TRACKED_KEYS:
+            _user_entries.clear()
+        _user_entries[memo] = hit
+    if hit is None or hit[1] != gen or hit[2] <= time.time():
+        return None
+    return hit[0]
+
+
+def put_user(user_id: str, state: UserState, gen: int, replacing: str | None = None) -> None:
+    """Cache a user's state read from PostgreSQL after a miss (never over a newer one, see _PUT_USER).
+    ``replacing``: the unusable entry the request found, if any."""
+    _gate.call(lambda r: _put_user(r, user_id, state, gen, replacing))
+
+
+def user_changed(user_id: str, state: UserState) -> bool:
+    """Put a user's new state, just committed in PostgreSQL, and flush (see _flushed): from the next request
+    on, every process refuses the tokens the change ended. False when Redis could not take it: then the
+    generation is bumped on this process's next contact, and every process has dropped the old state within
+    ``user_state_ttl_s`` anyway (entries expire)."""
+
+    def _write(r: redis.Redis) -> bool:
+        gen = int(str(r.get(_GEN) or 0))
+        _put_user(r, user_id, state, gen, None)
+        return _flushed(r, True)
+
+    if isinstance(_gate.call(_write), _Down):
+        _gate.mark_missed_write()
+        return False
+    return True
+
+
 # --- what every API request reads, answered from memory that Redis keeps exact --------------------
 @dataclass
 class Admission:
@@ -197,7 +315,9 @@ class Admission:
     count: int  # requests by this caller in the current rate-limit window (an estimate, see Tracker)
     revoked: bool | None  # None: Redis cannot say (restarted and not re-warmed)
     session: dict[str, Any] | None  # the cached session row, when a session was named and cached
-    gen: int  # the cache generation, for put_session
+    gen: int  # the cache generation, for put_session / put_user
+    user: UserState | None = None  # the caller's state, when asked for and cached
+    user_entry: str | None = None  # the caller's entry as found (for put_user when it was unusable)
 
 
 _INVALIDATE_CHANNEL = "__redis__:invalidate"
@@ -215,7 +335,8 @@ class _Window:
 
 class Tracker:
     """The reads every authenticated request makes -- the token's revocation, the revocation-list marker, the
-    cache generation, the session's entry -- answered from this process's memory, which Redis keeps exact.
+    cache generation, the session's entry, the caller's token state -- answered from this process's memory,
+    which Redis keeps exact.
 
     The data connection runs with ``CLIENT TRACKING`` (redirect mode): Redis remembers the keys it read and,
     as soon as one changes, expires or is evicted, publishes its name on ``__redis__:invalidate`` to this
@@ -339,13 +460,15 @@ _tracker = Tracker()
 
 
 def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None = None,
-          window_s: int = 60) -> Admission | _Down:
+          window_s: int = 60, user_id: str | None = None) -> Admission | _Down:
     """Count the request for rate limiting (against ``limit``, default the setting), look up the token's
-    revocation and the session's cache entry."""
+    revocation, the session's cache entry and (``user_id``) the user's token state."""
     rate_key = f"rl:{caller_key}:{int(time.time()) // window_s}"
     keys = [f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN]
     if session_id:
         keys.append(f"session:{session_id}")
+    if user_id:
+        keys.append(_user_key(user_id))
     lim = get_settings().rate_limit_per_minute if limit is None else limit
     res = _gate.call(lambda r: _tracker.admit(r, rate_key, window_s, lim, keys))
     if isinstance(res, _Down):
@@ -353,13 +476,25 @@ def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None =
     count, (revoked_hit, loaded, gen_raw, *rest) = res
     gen = int(gen_raw or 0)
     revoked = True if revoked_hit is not None else (False if loaded is not None else None)
-    session = None
-    payload = _verified(f"session:{session_id}", rest[0]) if rest and rest[0] is not None else None
-    if payload is not None:
-        entry = json.loads(payload)
-        if entry.pop("_g", None) == gen:
-            session = entry
-    return Admission(count, revoked, session, gen)
+    session_raw = rest.pop(0) if session_id else None
+    session = _read_session(f"session:{session_id}", session_raw, gen) if session_raw is not None else None
+    if not user_id:
+        return Admission(count, revoked, session, gen)
+    user_raw = rest[0]
+    return Admission(count, revoked, session, gen, _read_user(_user_key(user_id), user_raw, gen), user_raw)
+
+
+def token_state(jti: str, user_id: str) -> Admission | _Down:
+    """What the authorizer checks, in one round trip: the token's revocation and its user's state (``count``
+    is 0: the authorizer does not count requests)."""
+    key = _user_key(user_id)
+    res = _gate.call(lambda r: r.mget(f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN, key))
+    if isinstance(res, _Down):
+        return DOWN
+    revoked_hit, loaded, gen_raw, user_raw = (None if v is None else str(v) for v in res)
+    gen = int(gen_raw or 0)
+    revoked = True if revoked_hit is not None else (False if loaded is not None else None)
+    return Admission(0, revoked, None, gen, _read_user(key, user_raw, gen), user_raw)
 
 
 # --- rate limits -----------------------------------------------------------------------------------
@@ -375,3 +510,123 @@ def local_rate_count(key: str, window_s: int = 60) -> int:
             del _local_windows[k]
         count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
     return count
+
+
+# --- edge counters: requests per source address, failures with growing lockouts (services/throttle.py) -----
+def count_request(key: str, window_s: int = 60) -> int:
+    """Count one request under ``key`` in the current fixed window of ``window_s`` seconds and return the count
+    so far: every process's, from Redis (one round trip); this process's alone while Redis is down."""
+    rkey = f"rl:{key}:{int(time.time()) // window_s}"
+
+    def _count(r: redis.Redis) -> int:
+        pipe = r.pipeline(transaction=False)
+        pipe.set(rkey, 0, ex=window_s + 1, nx=True)
+        pipe.incr(rkey)
+        return int(pipe.execute()[1])
+
+    res = _gate.call(_count)
+    return local_rate_count(key, window_s) if isinstance(res, _Down) else res
+
+
+# KEYS: the failure count, the lockout. ARGV: free failures, base and longest lockout (ms), window (ms). The count
+# lives for the window after the last failure (plus the lockout it started); from the (free+1)th failure on each
+# one locks the key out for base, 2 x base, 4 x base ... at most the longest.
+_RECORD_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+local free, base, cap, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lock = 0
+if n > free then
+  lock = math.max(1, math.floor(math.min(cap, base * 2 ^ math.min(n - free - 1, 62))))
+  redis.call('SET', KEYS[2], n, 'PX', lock)
+end
+redis.call('PEXPIRE', KEYS[1], window + lock)
+return {n, lock}
+"""
+_MAX_LOCAL_FAILURES = 100_000
+
+
+def lockout_s(failures: int, free: int, base_s: float, max_s: float) -> float:
+    """The lockout the ``failures``-th failure starts (0: still free)."""
+    return 0.0 if failures <= free else min(max_s, base_s * 2.0 ** min(failures - free - 1, 62))
+
+
+def _failure_keys(key: str) -> tuple[str, str]:
+    return f"lf:{{{key}}}", f"lf:{{{key}}}:lock"  # one hash slot for both
+
+
+class _LocalFailures:
+    """Failure counts and lockouts in this process while Redis is down: the rule of _RECORD_FAILURE."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, list[float]] = {}  # key -> [failures, forget at, locked until] (monotonic)
+
+    def remaining(self, keys: list[str]) -> float:
+        now = time.monotonic()
+        with self._lock:
+            return max([0.0, *(e[2] - now for k in keys if (e := self._entries.get(k)) is not None)])
+
+    def record(self, key: str, free: int, base_s: float, max_s: float, window_s: float) -> tuple[int, float]:
+        now = time.monotonic()
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e[1] <= now:
+                if len(self._entries) >= _MAX_LOCAL_FAILURES:
+                    for k in [k for k, v in self._entries.items() if v[1] <= now]:
+                        del self._entries[k]
+                    if len(self._entries) >= _MAX_LOCAL_FAILURES:
+                        self._entries.clear()
+                e = self._entries[key] = [0, 0.0, 0.0]
+            e[0] += 1
+            n = int(e[0])
+            lock = lockout_s(n, free, base_s, max_s)
+            if lock:
+                e[2] = now + lock
+            e[1] = now + window_s + lock
+            return n, lock
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
+_local_failures = _LocalFailures()
+
+
+def lockout_remaining(keys: list[str]) -> float:
+    """Seconds until none of ``keys`` is locked out any more (0: none is). One round trip."""
+
+    def _pttls(r: redis.Redis) -> list[int]:
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.pttl(_failure_keys(k)[1])
+        return [int(x) for x in pipe.execute()]
+
+    res = _gate.call(_pttls)
+    if isinstance(res, _Down):
+        return _local_failures.remaining(keys)
+    return max([0, *res]) / 1000  # -2: no lockout
+
+
+def record_failures(keys: list[tuple[str, int]], base_s: float, max_s: float,
+                    window_s: float) -> list[tuple[int, float]]:
+    """Count a failure under each ``(key, free failures)`` (atomically, one round trip); per key, the failures
+    in its window so far and the lockout in seconds this one started (0: none)."""
+
+    def _record(r: redis.Redis) -> list[tuple[int, float]]:
+        pipe = r.pipeline(transaction=False)
+        for key, free in keys:
+            pipe.eval(_RECORD_FAILURE, 2, *_failure_keys(key), free, int(base_s * 1000), int(max_s * 1000),
+                      int(window_s * 1000))
+        return [(int(n), int(lock) / 1000) for n, lock in pipe.execute()]
+
+    res = _gate.call(_record)
+    if isinstance(res, _Down):
+        return [_local_failures.record(key, free, base_s, max_s, window_s) for key, free in keys]
+    return res
+
+
+def clear_failures(key: str) -> None:
+    """Forget ``key``'s failures and lockout (a successful login clears its username's)."""
+    _local_failures.clear(key)
+    _gate.call(lambda r: r.delete(*_failure_keys(key)))

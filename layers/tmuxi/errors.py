@@ -1,5 +1,10 @@
 """Domain errors. Each carries its HTTP status and a stable machine-readable code; the API maps them to
-JSON in one place (``functions/api/app.py``)."""
+JSON in one place (``functions/api/app.py``).
+
+What a client is told is about its request, never about how the system is built: for a 4xx the ``message``
+says what was wrong with the request; for a 5xx the body carries the class's ``public_message`` ("busy or
+unavailable, retry") and the ``message`` -- host ids, addresses, capacities, tmux text, a dependency's own
+words -- goes to the log only, with the request id. ``internal`` adds such detail to a 4xx for the log."""
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -8,13 +13,18 @@ from typing import Any, ClassVar
 class AppError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    # the whole message of a 5xx body: its ``message`` is for the log
+    public_message: ClassVar[str] = "internal error"
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str, *, internal: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.internal = internal  # detail for the log only
         self.details = details
 
     def to_body(self) -> dict[str, Any]:
+        if self.status >= 500:
+            return {"error": {"code": self.code, "message": self.public_message}}
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
             body["details"] = self.details
@@ -86,8 +96,10 @@ class RateLimited(AppError):
 class HostUnavailable(AppError):
     status = 503
     code = "host_unavailable"
+    public_message = "the terminal service is busy or unavailable; retry shortly"
 
 
 class DependencyUnavailable(AppError):
     status = 503
     code = "dependency_unavailable"
+    public_message = "the service is temporarily unavailable; retry shortly"

@@ -2,7 +2,9 @@
 
 One pooled keep-alive ``httpx.Client`` per host URL (module-level cache, reused across warm invocations).
 Connection errors and timeouts become :class:`tmuxi.errors.HostUnavailable`; error bodies
-``{"error": {"code", "message"}}`` are mapped back to the matching :mod:`tmuxi.errors` class.
+``{"error": {"code", "message"}}`` are mapped back to the matching :mod:`tmuxi.errors` class. The host's own
+words (its validation text, tmux's messages, its capacity) are kept as the error's internal detail for the log;
+what a client may be told comes from ``_PUBLIC`` (4xx) or the class (5xx).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class HostFull(errors.HostUnavailable):
     """The host is at capacity (503 ``host_full``): place the session on another host."""
 
     code = "host_full"
+    public_message = "the terminal service cannot take a new session right now; retry shortly"
 
 
 def _error_classes() -> dict[str, type[errors.AppError]]:
@@ -53,9 +56,24 @@ def _error_classes() -> dict[str, type[errors.AppError]]:
 
 
 _BY_STATUS: dict[int, type[errors.AppError]] = {
-    400: errors.BadRequest, 401: errors.Unauthorized, 403: errors.Forbidden, 404: errors.NotFound,
-    409: errors.Conflict, 413: errors.PayloadTooLarge, 422: errors.BadRequest, 429: errors.RateLimited,
-    503: errors.HostUnavailable,
+    400: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
+    422: errors.BadRequest, 429: errors.RateLimited, 503: errors.HostUnavailable,
+}
+# The host refusing our secret is this service's fault (configuration), never the caller's: 503.
+_OURS = {401, 403}
+
+# What a caller is told when the host refuses a request (its own message goes to the log).
+_PUBLIC: dict[str, str] = {
+    "not_found": "session not found",
+    "session_busy": "the session is busy (a command or program is running in it); retry when it is done",
+    "session_not_active": "the session is not active",
+    "session_ended": "the command ended the session's shell; the session is over",
+    "input_backlog": "a program in the session is not reading its input and too much is waiting; send keys "
+                     "(C-c) to stop it, or delete sessions",
+    "payload_too_large": "the input or command is too large",
+    "conflict": "the request conflicts with the session's state",
+    "bad_request": "the request is not valid for this session",
+    "rate_limited": "too many requests; slow down",
 }
 
 _clients: dict[str, httpx.Client] = {}
@@ -122,25 +140,30 @@ class HostClient:
                 timeout=timeout_s if timeout_s is not None else self.timeout_s,
             )
         except httpx.TimeoutException as exc:
-            raise errors.HostUnavailable(f"tmux host timed out ({method})") from exc
+            raise errors.HostUnavailable(f"tmux host {self.base_url} timed out ({method} {path})") from exc
         except httpx.TransportError as exc:
-            raise errors.HostUnavailable(f"tmux host unreachable: {type(exc).__name__}") from exc
+            raise errors.HostUnavailable(f"tmux host {self.base_url} unreachable: {type(exc).__name__}") from exc
         if resp.status_code >= 400:
-            raise self._to_error(resp)
+            raise self._to_error(resp, self.base_url)
         return resp
 
     @staticmethod
-    def _to_error(resp: httpx.Response) -> errors.AppError:
-        code, message = None, f"tmux host answered {resp.status_code}"
+    def _to_error(resp: httpx.Response, base_url: str = "") -> errors.AppError:
+        code, message = None, ""
         try:
             body = resp.json()["error"]
-            code, message = body.get("code"), body.get("message") or message
+            code, message = body.get("code"), str(body.get("message") or "")
         except Exception:  # noqa: S110 - not JSON: keep the status-based mapping
             pass
+        detail = f"tmux host {base_url or '?'} answered {resp.status_code} {code}: {message}"
         cls = _error_classes().get(code or "") if code else None
-        if cls is None or cls.status != resp.status_code:
+        if resp.status_code in _OURS:
+            cls = errors.HostUnavailable
+        elif cls is None or cls.status != resp.status_code:
             cls = _BY_STATUS.get(resp.status_code, errors.AppError)
-        return cls(message)
+        if cls.status >= 500:
+            return cls(detail)  # 5xx: the message is for the log; the body says busy/unavailable
+        return cls(_PUBLIC.get(cls.code, "the request was refused"), internal=detail)
 
     # --- routes ------------------------------------------------------------------------------------
     def create_session(self, session_id: UUID, account: int, cols: int, rows: int) -> dict[str, Any]:
@@ -187,10 +210,10 @@ class HostClient:
         try:
             resp = self._http.get("/health", timeout=self.timeout_s)
         except httpx.TimeoutException as exc:
-            raise errors.HostUnavailable("tmux host timed out (health)") from exc
+            raise errors.HostUnavailable(f"tmux host {self.base_url} timed out (health)") from exc
         except httpx.TransportError as exc:
-            raise errors.HostUnavailable(f"tmux host unreachable: {type(exc).__name__}") from exc
+            raise errors.HostUnavailable(f"tmux host {self.base_url} unreachable: {type(exc).__name__}") from exc
         try:
             return _obj(resp)
         except ValueError as exc:
-            raise errors.HostUnavailable(f"tmux host health answered {resp.status_code}") from exc
+            raise errors.HostUnavailable(f"tmux host {self.base_url} health answered {resp.status_code}") from exc

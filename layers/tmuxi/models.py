@@ -15,10 +15,11 @@ Role = Literal["user", "admin"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-# tmux key names accepted in `keys` (anything else is refused, so a key can never act on tmux).
+# tmux key names accepted in `keys` (anything else is refused, so a key can never act on tmux). Anchored with \Z,
+# not $ (which also matches before a final newline: "Enter\n" would pass), so .match() is a whole match too.
 KEY_NAME = re.compile(
     r"^(?:(?:C|M|S)-)*(?:[A-Za-z0-9]|Enter|Escape|Tab|BTab|BSpace|Space|Up|Down|Left|Right|Home|End|"
-    r"PageUp|PageDown|PPage|NPage|IC|DC|Insert|Delete|F(?:[1-9]|1[0-2]))$"
+    r"PageUp|PageDown|PPage|NPage|IC|DC|Insert|Delete|F(?:[1-9]|1[0-2]))\Z"
 )
 
 
@@ -46,6 +47,7 @@ class Principal(BaseModel):
     role: Role
     jti: str
     exp: int
+    epoch: int = 0  # the user's token epoch when the token was issued (services/auth.py)
 
 
 class ValidateResponse(BaseModel):
@@ -95,15 +97,20 @@ class InputRequest(_Strict):
     keys: list[str] | None = Field(default=None, max_length=256)
     enter: bool = False
 
+    @field_validator("keys")
+    @classmethod
+    def _key_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            bad = [k for k in v if not KEY_NAME.fullmatch(k)]
+            if bad:
+                raise ValueError(f"unknown key names: {bad[:5]}")
+        return v
+
     @model_validator(mode="after")
     def _exactly_one(self) -> InputRequest:
         given = [n for n in ("text", "data_b64", "keys") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of text, data_b64 or keys")
-        if self.keys is not None:
-            bad = [k for k in self.keys if not KEY_NAME.match(k)]
-            if bad:
-                raise ValueError(f"unknown key names: {bad[:5]}")
         return self
 
 
@@ -136,6 +143,20 @@ class ExecResult(BaseModel):
     timed_out: bool
     truncated: bool
     duration_ms: float
+
+
+# --- users (admin) ---------------------------------------------------------------------------------
+class User(BaseModel):
+    id: UUID
+    username: str
+    role: Role
+    disabled: bool
+    deleted: bool = False
+    created_at: datetime
+
+
+class UserUpdate(_Strict):
+    role: Role
 
 
 class HealthResponse(BaseModel):

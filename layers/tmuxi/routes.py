@@ -16,7 +16,7 @@ from urllib.parse import unquote
 # --- routes -----------------------------------------------------------------------------------------------
 
 
-WORK_KINDS = ("data", "slow", "long")
+WORK_KINDS = ("data", "slow", "long", "hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +26,12 @@ class Route:
     protected: bool  # True -> the REQUEST authorizer runs first
     name: str  # stable operation name (CDK construct ids, metrics, docs)
     # What the handler waits on, which decides how it is run and given time:
-    #   "data": PostgreSQL and Redis only: answers in well under a millisecond, never waits on a terminal;
-    #   "slow": a call to a tmux host, or password hashing (milliseconds);
-    #   "long": may wait seconds on a terminal (exec, create): never queued behind quick ones.
+    #   "data": PostgreSQL and Redis only: answers in well under a millisecond, never waits on a terminal
+    #           (the local gateway runs these inline: such a route must never call a tmux host);
+    #   "slow": a call to a tmux host (milliseconds);
+    #   "long": may wait seconds on a terminal (exec, create): never queued behind quick ones;
+    #   "hash": password hashing (tens of milliseconds of CPU each): its own small, bounded pool, so a login
+    #           flood is throttled (429) instead of queueing terminal work behind it.
     work: str = "data"
 
     def __post_init__(self) -> None:
@@ -42,7 +45,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     # auth
-    Route("POST", "/auth/token", False, "login", work="slow"),
+    Route("POST", "/auth/token", False, "login", work="hash"),
     Route("POST", "/auth/revoke", True, "revoke"),
     Route("GET", "/auth/health", False, "auth_health", work="slow"),
     Route("GET", "/validate", True, "validate"),
@@ -55,6 +58,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/sessions/{id}/screen", True, "read_screen", work="slow"),
     Route("POST", "/sessions/{id}/resize", True, "resize", work="slow"),
     Route("POST", "/sessions/{id}/exec", True, "exec_command", work="long"),
+    # users (admins only)
+    Route("POST", "/users/{username}/disable", True, "disable_user"),
+    Route("POST", "/users/{username}/enable", True, "enable_user"),
+    Route("POST", "/users/{username}/revoke-tokens", True, "revoke_user_tokens"),
+    Route("PATCH", "/users/{username}", True, "update_user"),
+    Route("DELETE", "/users/{username}", True, "delete_user", work="slow"),  # ends their sessions on the hosts
     # operations / documentation
     Route("GET", "/health", False, "health", work="slow"),
     Route("GET", "/openapi.json", False, "openapi"),
@@ -68,8 +77,9 @@ class AuthorizerConfig:
 
     identity_header: str = "Authorization"  # identity source: method.request.header.Authorization
     # API Gateway caches the authorizer's Allow/Deny per identity-source value (its default is 300 s). That is
-    # safe here because the API itself re-checks expiry and revocation on every request (services.auth.admit,
-    # with the same lookup that fetches the session): a revoked token is refused on the next request.
+    # safe here because the API itself re-checks expiry, revocation and the user's state (disabled, role, token
+    # epoch) on every request (services.auth.admit, with the same lookup that fetches the session): a revoked
+    # token, or one its user's change ended, is refused on the next request.
     result_ttl_s: int = 300
 
     @property
@@ -88,42 +98,56 @@ EXEC_TIMEOUT_MAX_S = INTEGRATION_TIMEOUT_S - 4
 
 
 class RouteTable:
-    """Matches (method, path) to a route the way API Gateway does: ``{param}`` matches exactly one non-empty
-    path segment; static resources win over parameterised ones."""
+    """Matches (method, path) to a route the way API Gateway does: on the segments of the path AS RECEIVED
+    (percent-encoded), so an encoded ``/`` (``%2F``) stays inside its segment and never changes the route
+    (``/sessions/<id>%2Fscreen`` is ``/sessions/{id}`` with id ``<id>/screen``). A static segment matches only
+    itself, byte for byte; ``{param}`` matches exactly one non-empty segment and is returned decoded. The most
+    specific resource wins: segment by segment from the left, a static segment before a parameter. A trailing
+    slash is ignored."""
 
     __slots__ = ("_static", "_dynamic", "_paths")
 
     def __init__(self, routes: tuple[Route, ...] = ROUTES) -> None:
         self._static: dict[tuple[str, str], Route] = {}
-        self._dynamic: list[tuple[str, re.Pattern[str], Route]] = []
+        # (method, number of "/") -> [(pattern, route)], most specific first. A pattern matches the whole raw
+        # path; each parameter is one group of "[^/]+" (one non-empty segment), static segments are literal.
+        self._dynamic: dict[tuple[str, int], list[tuple[re.Pattern[str], Route]]] = {}
         self._paths: set[str] = set()
         for r in routes:
             self._paths.add(r.resource)
             if "{" not in r.resource:
                 self._static[(r.method, r.resource)] = r
-            else:
-                rx = "^" + re.sub(
-                    r"\\\{([A-Za-z_][A-Za-z0-9_]*)\\\}", r"(?P<\1>[^/]+)", re.escape(r.resource)
-                ) + "$"
-                self._dynamic.append((r.method, re.compile(rx), r))
+                continue
+            rx = ""
+            for seg in r.resource.split("/")[1:]:
+                param = re.fullmatch(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", seg)
+                if param is not None:
+                    rx += f"/(?P<{param.group(1)}>[^/]+)"
+                elif "{" in seg or "}" in seg:
+                    raise ValueError(f"route {r.method} {r.resource}: a parameter must be a whole segment")
+                else:
+                    rx += "/" + re.escape(seg)
+            self._dynamic.setdefault((r.method, r.resource.count("/")), []).append((re.compile(rx), r))
+        for candidates in self._dynamic.values():  # static segments first, from the left (a stable sort)
+            candidates.sort(key=lambda c: tuple(s[:1] == "{" for s in c[1].resource.split("/")))
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        """``path`` as received (percent-encoded); path parameters are returned decoded."""
-        if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]
+        """``path`` as received (percent-encoded, no query string); path parameters are returned decoded."""
+        if len(path) > 1 and path[-1] == "/":
+            path = path.rstrip("/") or "/"
         r = self._static.get((method, path))
         if r is not None:
             return r, {}
-        for m, rx, route in self._dynamic:
-            if m != method:
-                continue
-            found = rx.match(path)
-            if found is not None:
-                return route, {k: unquote(v) for k, v in found.groupdict().items()}
+        candidates = self._dynamic.get((method, path.count("/")))
+        if candidates is not None:
+            for rx, route in candidates:
+                found = rx.fullmatch(path)
+                if found is not None:
+                    return route, {k: unquote(v) for k, v in found.groupdict().items()}
         return None
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter([*self._static.values(), *(r for _, _, r in self._dynamic)])
+        return iter([*self._static.values(), *(r for c in self._dynamic.values() for _, r in c)])
 
 
 # --- gateway responses ------------------------------------------------------------------------------------

@@ -51,10 +51,25 @@ class Settings(BaseSettings):
     jwt_issuer: str = "tmuxi"
     jwt_audience: str = "tmuxi-api"
     jwt_ttl_s: int = Field(3600, ge=60, le=86400)
+    # A change to a user (disabled, deleted, new role or password, all tokens ended) reaches every process on its
+    # next request when the writer reaches Redis; otherwise within this long (the lifetime of a user's cached
+    # state, in Redis and, while Redis is down, in each process).
+    user_state_ttl_s: float = Field(2.0, gt=0, le=30)
 
     # --- Limits
     session_quota: int = Field(20, ge=1)
     rate_limit_per_minute: int = Field(1200, ge=1)
+    # Unauthenticated routes (/health, /auth/health, /openapi.json, /docs, POST /auth/token): requests per
+    # source address per minute (services/throttle.py).
+    public_rate_limit_per_minute: int = Field(120, ge=1)
+    # Failed logins (services/throttle.py): per username and per source address, the first failures within the
+    # window are free; each further one locks that username / address out of logging in for base, 2 x base,
+    # 4 x base ... at most max seconds. A failure-free window forgets the count; a login clears its username's.
+    login_free_failures: int = Field(5, ge=1)
+    login_source_free_failures: int = Field(30, ge=1)
+    login_failure_window_s: int = Field(900, ge=1)
+    login_lockout_base_s: float = Field(1.0, gt=0)
+    login_lockout_max_s: float = Field(900.0, gt=0)
     max_input_bytes: int = Field(65536, ge=1)
     max_command_bytes: int = Field(16384, ge=1)
     max_body_bytes: int = Field(262144, ge=1024)
@@ -64,7 +79,7 @@ class Settings(BaseSettings):
 
     # --- Tmux host (the long-running service)
     host_secret: SecretStr | None = None
-    host_id: str = Field("host-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+    host_id: str = Field("host-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\z")  # (Rust regex) \z: end of text
     host_bind: str = "127.0.0.1"
     host_port: int = Field(7001, ge=0, le=65535)
     host_url: str | None = None  # advertised URL; default http://{host_bind}:{host_port}

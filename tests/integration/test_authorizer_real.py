@@ -109,7 +109,7 @@ def test_allow_policy_for_an_issued_token(user: dict[str, Any], name: str) -> No
     ctx = out["context"]
     claims = jwt.decode(token, options={"verify_signature": False})
     assert ctx == {"user_id": str(user["id"]), "username": user["name"], "role": "user",
-                   "jti": claims["jti"], "exp": str(claims["exp"])}
+                   "jti": claims["jti"], "exp": str(claims["exp"]), "epoch": "0"}
     assert all(isinstance(v, str | int | float | bool) for v in ctx.values())  # what API Gateway accepts
 
 

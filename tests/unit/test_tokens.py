@@ -48,9 +48,10 @@ def _reason(token: str) -> str:
 
 def test_issued_token_round_trips() -> None:
     uid = uuid.uuid4()
-    token, ttl = auth.issue_token(uid, "alice", "admin")
+    token, ttl = auth.issue_token(uid, "alice", "admin", epoch=7)
     claims = auth.decode_token(token)
     assert claims["sub"] == str(uid) and claims["role"] == "admin" and ttl == get_settings().jwt_ttl_s
+    assert claims["epoch"] == 7
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
 
@@ -113,3 +114,10 @@ def test_password_hash_verifies_only_the_right_password() -> None:
 def test_not_yet_valid_refused() -> None:
     future = int(time.time()) + 600
     assert _reason(_sign(_claims(nbf=future, iat=future, exp=future + 600))) == "not_yet_valid"
+
+
+def test_epoch_claim_defaults_to_zero_and_must_be_a_natural_number() -> None:
+    assert auth.decode_token(_sign(_claims()))["epoch"] == 0  # issued before epochs: every user's first one
+    assert auth.decode_token(_sign(_claims(epoch=3)))["epoch"] == 3
+    for bad in (-1, "1", 1.5, True, None, [1]):
+        assert _reason(_sign(_claims(epoch=bad))) == "claims", bad

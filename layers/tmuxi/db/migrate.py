@@ -8,7 +8,7 @@ from importlib import resources
 import psycopg
 
 _LOCK_ID = 0x746D7578  # "tmux"
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql\Z")
 
 
 def available() -> list[tuple[int, str, str]]:

@@ -60,16 +60,62 @@ def create_user(username: str, password_hash: str, role: str) -> UUID:
     return uid
 
 
+_USER_COLS = "id, username, role, disabled, deleted_at, token_epoch, created_at"
+
+
+def change_user(username: str, actor: UUID | None, action: str, *, disabled: bool | None = None,
+                role: str | None = None, password_hash: str | None = None, delete: bool = False,
+                end_tokens: bool = False) -> Row | None:
+    """Change a user (not deleted) and audit it, in one transaction. A change that must end the user's tokens
+    -- disabling, a new role, a new password, deleting, or ``end_tokens`` -- adds one to ``token_epoch``;
+    setting what is already set (enabling an enabled user) changes nothing. Returns the row as it now is, or
+    None when there is no such user."""
+    with connection() as conn, conn.transaction():
+        old = conn.execute(
+            f"SELECT {_USER_COLS} FROM users WHERE username = %s AND deleted_at IS NULL FOR UPDATE", (username,)
+        ).fetchone()
+        if old is None:
+            return None
+        if delete:
+            disabled = True
+        ends = (end_tokens or delete or password_hash is not None or (disabled is True and not old["disabled"])
+                or (role is not None and role != old["role"]))
+        row = conn.execute(
+            f"UPDATE users SET disabled = coalesce(%s, disabled), role = coalesce(%s, role),"
+            f" password_hash = coalesce(%s, password_hash),"
+            f" deleted_at = CASE WHEN %s THEN now() ELSE deleted_at END, token_epoch = token_epoch + %s"
+            f" WHERE id = %s RETURNING {_USER_COLS}",
+            (disabled, role, password_hash, delete, 1 if ends else 0, old["id"]),
+        ).fetchone()
+        assert row is not None
+        detail: dict[str, Any] = {"user_id": str(row["id"]), "username": username, "tokens_ended": ends,
+                                  "token_epoch": row["token_epoch"]}
+        if role is not None:
+            detail["role"] = {"from": old["role"], "to": role}
+        if disabled is not None:
+            detail["disabled"] = {"from": old["disabled"], "to": disabled}
+        _audit(conn, actor, action, None, "ok", detail)
+    return row
+
+
 def set_password(username: str, password_hash: str) -> bool:
-    with connection() as conn:
-        cur = conn.execute("UPDATE users SET password_hash = %s WHERE username = %s", (password_hash, username))
-        return cur.rowcount == 1
+    """A new password; it ends the user's tokens (``change_user``)."""
+    return change_user(username, None, "user.password", password_hash=password_hash) is not None
 
 
 def get_user_by_username(username: str) -> Row | None:
     with connection() as conn:
         return conn.execute(
-            "SELECT id, username, password_hash, role, disabled FROM users WHERE username = %s", (username,)
+            "SELECT id, username, password_hash, role, disabled, token_epoch FROM users WHERE username = %s",
+            (username,),
+        ).fetchone()
+
+
+def get_user_state(user_id: UUID) -> Row | None:
+    """What a user's tokens depend on: token_epoch, role, disabled (read on a cache miss, by primary key)."""
+    with connection() as conn:
+        return conn.execute(
+            "SELECT token_epoch, role, disabled FROM users WHERE id = %s", (user_id,)
         ).fetchone()
 
 
@@ -84,7 +130,7 @@ def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quot
     with connection() as conn, conn.transaction():
         user = conn.execute(
             "UPDATE users SET account_no = coalesce(account_no, nextval('users_account_no_seq'))"
-            " WHERE id = %s RETURNING account_no", (owner_id,)
+            " WHERE id = %s AND NOT disabled RETURNING account_no", (owner_id,)  # disabled: a request that raced it
         ).fetchone()
         if user is None:
             raise NotFound("user not found")
@@ -156,6 +202,14 @@ def end_session(session_id: UUID, actor: UUID | None, state: str, reason: str) -
 def get_session(session_id: UUID) -> Row | None:
     with connection() as conn:
         return conn.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = %s", (session_id,)).fetchone()
+
+
+def get_own_session(session_id: UUID, owner_id: UUID) -> Row | None:
+    """A session if ``owner_id`` owns it. Another user's session is answered as one that does not exist is: the
+    same statement, no row (so the two cannot be told apart by timing either)."""
+    with connection() as conn:
+        return conn.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = %s AND owner_id = %s",
+                            (session_id, owner_id)).fetchone()
 
 
 def list_sessions(owner_id: UUID | None, include_ended: bool) -> list[Row]:

@@ -1,5 +1,12 @@
-"""The system's health: PostgreSQL (critical), Redis (degraded when down), tmux hosts."""
+"""The system's health: PostgreSQL (critical), Redis (degraded when down), tmux hosts.
+
+Cheap to ask repeatedly: the PostgreSQL query is made at most once per ``_DB_CHECK_TTL_S`` in a process (callers
+meanwhile, concurrent ones included, share its answer); Redis is asked each time (a ping, or nothing while it is
+known to be down), so its state shows at once."""
 from __future__ import annotations
+
+import threading
+import time
 
 from tmuxi import __version__, cache
 from tmuxi.db import repo
@@ -7,16 +14,29 @@ from tmuxi.errors import AppError
 from tmuxi.models import HealthResponse
 from tmuxi.settings import get_settings
 
+_DB_CHECK_TTL_S = 1.0
+_db_lock = threading.Lock()
+_db_checks: tuple[float, dict[str, str]] = (float("-inf"), {})  # (good until, monotonic; checks)
+
+
+def _database_checks() -> dict[str, str]:
+    global _db_checks
+    if _db_checks[0] > time.monotonic():
+        return _db_checks[1]
+    with _db_lock:
+        if _db_checks[0] > time.monotonic():  # another caller just asked
+            return _db_checks[1]
+        try:
+            hosts = repo.live_hosts(get_settings().host_dead_after_s)  # answers for PostgreSQL too
+            checks = {"postgres": "ok", "hosts": f"{len(hosts)} live" if hosts else "none live"}
+        except AppError:
+            checks = {"postgres": "down", "hosts": "unknown"}
+        _db_checks = (time.monotonic() + _DB_CHECK_TTL_S, checks)
+        return checks
+
 
 def health() -> HealthResponse:
-    checks: dict[str, str] = {}
-    try:
-        hosts = repo.live_hosts(get_settings().host_dead_after_s)  # answers for PostgreSQL too
-        checks["postgres"] = "ok"
-        checks["hosts"] = f"{len(hosts)} live" if hosts else "none live"
-    except AppError:
-        checks["postgres"] = "down"
-        checks["hosts"] = "unknown"
+    checks = dict(_database_checks())
     checks["redis"] = "ok" if cache.available() else "down"
     if checks["postgres"] == "down" or checks["hosts"] == "none live":
         status = "down"

@@ -39,23 +39,31 @@ def _public(row: dict[str, Any]) -> Session:
     return Session.model_validate({k: v for k, v in row.items() if k in _PUBLIC})
 
 
+def _may_see(p: Principal, row: dict[str, Any]) -> bool:
+    return p.role == "admin" or str(row["owner_id"]) == str(p.user_id)
+
+
 def _load(p: Principal, session_id: UUID) -> dict[str, Any]:
-    """Admit the request and return the session row (cache first), if the caller may see it."""
+    """Admit the request and return the session row, if the caller may see it. The cache answers only callers
+    who may see the row; anyone else's lookup asks PostgreSQL for the row *of its owner* and gets none, exactly
+    the work and the answer of a lookup of an id that does not exist, so another user's session cannot be told
+    from a missing one by timing either. Only rows the caller may see are cached."""
     adm = auth_service.admit(p, session_id)
     row = adm.session if adm is not None else None
-    if row is None:
-        row = repo.get_session(session_id)
-        if row is not None and adm is not None:
+    if row is None or not _may_see(p, row):
+        row = (repo.get_session(session_id) if p.role == "admin"
+               else repo.get_own_session(session_id, p.user_id))
+        if row is None:
+            raise NotFound("session not found")
+        if adm is not None:
             cache.put_session(str(session_id), row, adm.gen)
-    if row is None or (str(row["owner_id"]) != str(p.user_id) and p.role != "admin"):
-        raise NotFound(f"session {session_id} not found")
     return row
 
 
 def _active(p: Principal, session_id: UUID) -> tuple[dict[str, Any], host_client.HostClient]:
     row = _load(p, session_id)
     if row["state"] != "active":
-        raise SessionNotActive(f"session {session_id} is {row['state']}")
+        raise SessionNotActive(f"the session is {row['state']}, not active")
     return row, host_client.HostClient(registry.host_url(row["host_id"]))
 
 
@@ -68,11 +76,11 @@ def create_session(p: Principal, body: SessionCreate) -> Session:
     try:
         created = host_client.HostClient(row["host_url"]).create_session(sid, row["account_no"], cols, rows)
     except AppError as exc:
-        repo.end_session(sid, p.user_id, "failed", f"host {row['host_id']}: {exc.message}")
+        detail = f"host {row['host_id']}: {exc.code}: {exc.internal or exc.message}"
+        repo.end_session(sid, p.user_id, "failed", detail)
         logger.warning("session creation failed on host", extra={"host_id": row["host_id"], "error": exc.code})
-        if isinstance(exc, HostUnavailable):
-            raise
-        raise HostUnavailable(f"tmux host {row['host_id']} could not create the session: {exc.message}") from exc
+        # whatever the host said (at capacity, a tmux failure, ...), the caller may retry: 503, details logged
+        raise HostUnavailable(f"the session could not be created on tmux {detail}") from exc
     return _public(repo.activate_session(sid, p.user_id, created["pane_id"]))
 
 
@@ -89,16 +97,38 @@ def get_session(p: Principal, session_id: UUID) -> Session:
 def delete_session(p: Principal, session_id: UUID) -> None:
     row = _load(p, session_id)
     if row["state"] not in ("creating", "active"):
-        raise NotFound(f"session {session_id} not found")
+        raise NotFound("session not found")
+    _end(row, p.user_id, "deleted by user")
+
+
+def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True) -> bool:
+    """Kill a live session's tmux session (unless not ``kill``) and record it deleted. False: its host was
+    unreachable."""
+    session_id: UUID = row["id"]
+    reached = True
     try:
-        host_client.HostClient(registry.host_url(row["host_id"])).kill_session(session_id)
+        if kill:
+            host_client.HostClient(registry.host_url(row["host_id"])).kill_session(session_id)
     except NotFound:
         pass  # already gone from tmux
     except HostUnavailable:
         # The record still ends; the host kills the orphan when it reconciles.
         logger.warning("host unreachable on delete; session ended in the database", extra={"host_id": row["host_id"]})
-    repo.end_session(session_id, p.user_id, "deleted", "deleted by user")
+        reached = False
+    repo.end_session(session_id, actor, "deleted", reason)
     cache.invalidate_session(str(session_id))
+    return reached
+
+
+def end_user_sessions(owner_id: UUID, actor: UUID | None, reason: str) -> int:
+    """End every live session of a user (their tmux sessions killed; a host that does not answer is not asked
+    again). Returns how many."""
+    rows = repo.list_sessions(owner_id, include_ended=False)
+    unreachable: set[str] = set()
+    for row in rows:
+        if not _end(row, actor, reason, kill=row["host_id"] not in unreachable):
+            unreachable.add(row["host_id"])
+    return len(rows)
 
 
 def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
