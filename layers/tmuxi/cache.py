@@ -163,19 +163,29 @@ def invalidate_session(session_id: str) -> None:
 _session_entries: dict[tuple[str, str], tuple[dict[str, Any], Any] | None] = {}
 
 
+def _memo_verified(memo: dict[tuple[str, str], Any], key: str, raw: str,
+                   parse: Callable[[dict[str, Any]], T]) -> T | None:
+    """A signed entry verified and parsed once per distinct value (None: forged, altered or malformed); the
+    same value then serves every request until it changes."""
+    k = (key, raw)
+    if k in memo:
+        hit: T | None = memo[k]
+        return hit
+    hit = None
+    payload = _verified(key, raw)
+    if payload is not None:
+        try:
+            hit = parse(json.loads(payload))
+        except (ValueError, KeyError, TypeError):
+            hit = None
+    if len(memo) >= _MAX_TRACKED_KEYS:
+        memo.clear()
+    memo[k] = hit
+    return hit
+
+
 def _read_session(key: str, raw: str, gen: int) -> dict[str, Any] | None:
-    memo = (key, raw)
-    if memo in _session_entries:
-        hit = _session_entries[memo]
-    else:
-        hit = None
-        payload = _verified(key, raw)
-        if payload is not None:
-            entry = json.loads(payload)
-            hit = (entry, entry.pop("_g", None))
-        if len(_session_entries) >= _MAX_TRACKED_KEYS:
-            _session_entries.clear()
-        _session_entries[memo] = hit
+    hit = _memo_verified(_session_entries, key, raw, lambda e: (e, e.pop("_g", None)))
     if hit is None or hit[1] != gen:
         return None
     return dict(hit[0])
@@ -263,22 +273,8 @@ def _read_user(key: str, raw: str | None, gen: int) -> UserState | None:
     distinct entry is verified once (the same one serves every request of the user until it changes)."""
     if raw is None:
         return None
-    memo = (key, raw)
-    if memo in _user_entries:
-        hit = _user_entries[memo]
-    else:
-        hit = None
-        payload = _verified(key, raw)
-        if payload is not None:
-            try:
-                e = json.loads(payload)
-                hit = (UserState(int(e["epoch"]), str(e["role"]), bool(e["disabled"])), int(e["_g"]),
-                       float(e["exp"]))
-            except (ValueError, KeyError, TypeError):
-                hit = None
-        if len(_user_entries) >= _MAX_TRACKED_KEYS:
-            _user_entries.clear()
-        _user_entries[memo] = hit
+    hit = _memo_verified(_user_entries, key, raw, lambda e: (
+        UserState(int(e["epoch"]), str(e["role"]), bool(e["disabled"])), int(e["_g"]), float(e["exp"])))
     if hit is None or hit[1] != gen or hit[2] <= time.time():
         return None
     return hit[0]
