@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -717,15 +718,19 @@ class Engine:
             channel.open(script)
             wrapper = channel.wrapper()
             await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
-            code = await self._wait_rc(channel, started + timeout, rec)
-            timed_out = code is None
-            if timed_out:
+            status = await self._wait_status(rec, channel, started + timeout)
+            timed_out = status is None
+            if status is None:
                 TIMEOUTS.labels(component="host", operation="exec").inc()
-                await self._interrupt(rec, channel)
+                await self._stop_foreground(rec, channel)
+            ended = not self._shell_alive(rec) or (status is not None and status[1])
+            if ended:
+                await self._shell_gone(rec)
             output, truncated = channel.collect()
             return ExecResult(
-                exit_code=None if timed_out else code, output=output, timed_out=timed_out,
+                exit_code=None if status is None else status[0], output=output, timed_out=timed_out,
                 truncated=truncated, duration_ms=round((time.monotonic() - started) * 1000, 3),
+                session_ended=ended,
             )
         finally:
             channel.close()
@@ -743,34 +748,97 @@ class Engine:
             return True
         return True
 
-    async def _wait_rc(self, channel: ExecChannel, deadline: float, rec: SessionRec | None = None) -> int | None:
-        """The exit status once the shell wrote it; None at the deadline. Raises SessionEnded when the session's
-        shell is gone meanwhile (the command ran ``exit`` or ``exec``, or killed it)."""
+    async def _shell_gone(self, rec: SessionRec, within_s: float = 2.0) -> None:
+        """The shell is exiting (its EXIT trap answered): wait for it to be gone, then forget the session."""
+        deadline = time.monotonic() + within_s
+        while self._shell_alive(rec) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        server = self.servers.get(rec.account)
+        if server is not None:
+            self._schedule_refresh(server)  # drops it and reports it exited
+
+    async def _wait_status(self, rec: SessionRec, channel: ExecChannel, deadline: float,
+                           *, recover: bool = True) -> tuple[int | None, bool] | None:
+        """The command's (exit status, shell exiting) as soon as it is known; None at the deadline.
+
+        Known when the shell writes it (after the command, or from its EXIT trap); or, for a command a signal
+        ended (Ctrl-C through /input, `kill -INT`), once the shell is back at its prompt without having written
+        it -- the interactive shell drops the rest of the line then -- by asking it for ``$?`` (``recovery``).
+        A shell gone without a word (killed): (None, True)."""
+        seen_busy = False
+        prompt_since: float | None = None
+        recovered = False
         while True:
             if channel.rc.done():
                 return channel.rc.result()
-            if rec is not None and not self._shell_alive(rec):
-                raise errors.SessionEnded("the command ended the session's shell (exit, exec or a signal): "
-                                          "the session is over")
-            remaining = deadline - time.monotonic()
+            if not self._shell_alive(rec):
+                await asyncio.wait([channel.rc], timeout=0.05)  # its EXIT trap may still be writing
+                return channel.rc.result() if channel.rc.done() else (None, True)
+            state = shell_state(rec.pid) if rec.pid is not None else "busy"
+            now = time.monotonic()
+            if state == "busy":
+                seen_busy, prompt_since = True, None
+            elif state == "prompt" and channel.started and recover and not recovered:
+                # Back at its prompt with no status written: ask for it. Soon when a job was seen running; else
+                # only after a while (a loop of builtins runs with the shell itself in the foreground).
+                prompt_since = prompt_since or now
+                if now - prompt_since >= (0.05 if seen_busy else 0.5):
+                    recovered = True
+                    with contextlib.suppress(errors.AppError):
+                        await self._run(rec, lambda r: self.input_commands(r.pane_id, channel.recovery()))
+            remaining = deadline - now
             if remaining <= 0:
                 return None
-            await asyncio.wait([channel.rc], timeout=min(0.05, remaining))
+            await asyncio.wait([channel.rc], timeout=min(0.02 if prompt_since else 0.05, remaining))
 
-    async def _interrupt(self, rec: SessionRec, channel: ExecChannel) -> None:
-        """After a timeout: Ctrl-C the foreground job and give the shell a moment to get back to its
-        prompt, so the session is usable for the next exec."""
-        with contextlib.suppress(errors.AppError):
-            await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
-        await self._wait_rc(channel, time.monotonic() + 0.3)
-        deadline = time.monotonic() + 1.5
-        delay = 0.005
-        while time.monotonic() < deadline:
+    # Grace periods of a timed-out command: SIGINT (Ctrl-C at the terminal), then SIGTERM, then SIGKILL to the
+    # terminal's foreground process group.
+    STOP_GRACE_S = (1.0, 1.0, 0.5)
+
+    async def _stop_foreground(self, rec: SessionRec, channel: ExecChannel) -> None:
+        """After a timeout: end the foreground job -- Ctrl-C, then SIGTERM, then SIGKILL to its process group,
+        each after a grace period -- and get the shell back to its prompt with the exec's trap cleared, so the
+        session is usable for the next exec and nothing of the command is left running in the foreground."""
+        for step, grace in zip(("int", "term", "kill"), self.STOP_GRACE_S, strict=True):
+            if step == "int":
+                with contextlib.suppress(errors.AppError):
+                    await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
+            else:
+                self._signal_foreground(rec, signal.SIGTERM if step == "term" else signal.SIGKILL)
+            if await self._back_at_prompt(rec, grace):
+                break
+        # back at the prompt: let the shell clear the exec's EXIT trap (and say $?, which nobody waits for now)
+        if self._shell_alive(rec) and not channel.rc.done():
             with contextlib.suppress(errors.AppError):
-                if await self._shell_state(rec) == "prompt":
-                    return
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+                await self._run(rec, lambda r: self.input_commands(r.pane_id, channel.recovery()))
+            await asyncio.wait([channel.rc], timeout=0.3)
+
+    async def _back_at_prompt(self, rec: SessionRec, within_s: float) -> bool:
+        deadline = time.monotonic() + within_s
+        while self._shell_alive(rec):
+            if rec.pid is not None and shell_state(rec.pid) == "prompt":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True  # gone: nothing left to stop
+
+    def _signal_foreground(self, rec: SessionRec, sig: signal.Signals) -> None:
+        """Signal the terminal's foreground process group -- only one of this session's own (same session id
+        as its shell), never the shell itself."""
+        if rec.pid is None:
+            return
+        try:
+            fields = Path(f"/proc/{rec.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            tpgid, sid = int(fields[5]), int(fields[3])
+            if tpgid <= 0 or tpgid == rec.pid:
+                return
+            leader = Path(f"/proc/{tpgid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if int(leader[3]) != sid:
+                return  # not a job of this shell's session
+            os.killpg(tpgid, sig)
+        except (OSError, ValueError, IndexError):
+            return
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

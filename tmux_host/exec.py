@@ -2,7 +2,13 @@
 
 The host writes the command to a file the user's shell sources, and types one fixed wrapper line:
 
-    { \\. '<x>.sh'; } </dev/null >'<x>.out' 2>&1; \\echo $? >'<x>.rc'
+    \\echo s >'<x>.rc'; trap '\\echo "$? exit" >'<x>.rc'' EXIT; { \\. '<x>.sh'; } </dev/null >'<x>.out' 2>&1;
+    \\echo $? >'<x>.rc'; trap - EXIT
+
+The first line the shell writes says it has started on the line (``s``).
+The EXIT trap, set for the exec only, tells a command that ends the shell (``exit 3``, a failure under ``set -e``)
+apart, with its status. A command killed by a signal (Ctrl-C) makes the interactive shell abandon the rest of the
+line: the engine then asks for ``$?`` itself (``recovery``).
 
 ``<x>.out`` and ``<x>.rc`` are FIFOs the host made in the account's exchange directory (which the account cannot
 list or write: nothing there can be swapped for a link or a FIFO of the user's) and reads without blocking, in the
@@ -54,9 +60,12 @@ class ExecChannel:
         self.output = bytearray()
         self.truncated = False
         self._rc = bytearray()
+        self.started = False  # the shell has read the wrapper line and begun it
         self._out_fd: int | None = None
         self._rc_fd: int | None = None
-        self.rc: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._rc_wfd: int | None = None  # ours: the shell opens and closes the rc FIFO twice, never an EOF between
+        # (exit status, the shell is exiting): "3" after the command, "3 exit" from the EXIT trap
+        self.rc: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
 
     def open(self, command: bytes) -> None:
         make_file(self.script, command + b"\n")
@@ -65,13 +74,20 @@ class ExecChannel:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self._out_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._rc_fd = open_fifo(self.rc_path)
+        self._rc_wfd = os.open(self.rc_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         loop.add_reader(self._out_fd, self._on_out)
         loop.add_reader(self._rc_fd, self._on_rc)
 
     def wrapper(self) -> bytes:
         # Leading space keeps it out of history (HISTCONTROL=ignorespace); `\.`/`\echo` dodge aliases.
-        return (f" {{ \\. '{self.script}'; }} </dev/null >'{self.out_path}' 2>&1; "
-                f"\\echo $? >'{self.rc_path}'\n").encode()
+        return (f" \\echo s >'{self.rc_path}'; trap '\\echo \"$? exit\" >'\"'{self.rc_path}'\" EXIT; "
+                f"{{ \\. '{self.script}'; }} </dev/null >'{self.out_path}' 2>&1; "
+                f"\\echo $? >'{self.rc_path}'; trap - EXIT\n").encode()
+
+    def recovery(self) -> bytes:
+        """For a shell back at its prompt without having written the status (a signal ended the command and
+        the shell dropped the rest of the line): the status it keeps in ``$?``, and the trap cleared."""
+        return f" \\echo $? >'{self.rc_path}'; trap - EXIT\n".encode()
 
     def _read_out(self) -> int:
         """Take what the pipe holds: the number of bytes, 0 when it is empty, -1 at EOF (every writer closed)."""
@@ -104,13 +120,18 @@ class ExecChannel:
             data = os.read(fd, RC_MAX)
         except BlockingIOError:
             return
-        if not data:
-            asyncio.get_running_loop().remove_reader(fd)
-            return
-        self._rc += data[: RC_MAX - len(self._rc)]
-        if b"\n" in self._rc and not self.rc.done():
-            text = bytes(self._rc).split(b"\n", 1)[0].strip()
-            self.rc.set_result(int(text) if text.isdigit() else -1)
+        self._rc += data
+        while b"\n" in self._rc:
+            line, _, rest = bytes(self._rc).partition(b"\n")
+            self._rc[:] = rest
+            line = line.strip()
+            if line == b"s":
+                self.started = True
+            elif not self.rc.done():
+                status, _, tail = line.partition(b" ")
+                self.rc.set_result((int(status) if status.isdigit() else -1, tail == b"exit"))
+        if len(self._rc) > RC_MAX:  # no newline in sight: not the shell's
+            self._rc.clear()
 
     def collect(self) -> tuple[str, bool]:
         """The output so far (what the command wrote before its exit status), decoded, and whether it was cut."""
@@ -131,7 +152,9 @@ class ExecChannel:
             if fd is not None:
                 loop.remove_reader(fd)
                 os.close(fd)
-        self._out_fd = self._rc_fd = None
+        if self._rc_wfd is not None:
+            os.close(self._rc_wfd)
+        self._out_fd = self._rc_fd = self._rc_wfd = None
 
 
 def read_private_file(path: Path, cap: int) -> bytes:

@@ -38,6 +38,7 @@ from tmuxi.models import (
     ScreenResponse,
     Session,
     SessionCreate,
+    SessionFilter,
     SessionList,
     TokenRequest,
     TokenResponse,
@@ -46,6 +47,7 @@ from tmuxi.models import (
     ValidateResponse,
 )
 from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger
+from tmuxi.pagination import MAX_PAGE, decode_cursor
 from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
 from tmuxi.services import health as health_service
@@ -162,9 +164,21 @@ async def create_session(request: Request, body: Annotated[SessionCreate | None,
 
 
 @app.get("/sessions", response_model=SessionList, tags=["sessions"], responses=_AUTHED)
-async def list_sessions(request: Request, include_ended: bool = False) -> Response:
+async def list_sessions(
+    request: Request,
+    state: Annotated[SessionFilter | None, Query(
+        description="live (creating or active; the default), all, or one state")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="sessions per page")] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    include_ended: Annotated[bool, Query(deprecated=True, description="same as state=all")] = False,
+) -> Response:
+    try:
+        after = decode_cursor(cursor) if cursor is not None else None
+    except ValueError:
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "msg": "invalid cursor",
+                                       "input": cursor}]) from None
     p = principal(request)
-    return _json(SessionList(sessions=sessions_service.list_sessions(p, include_ended=include_ended)))
+    return _json(sessions_service.list_sessions(p, state or ("all" if include_ended else "live"), limit, after))
 
 
 @app.get("/sessions/{id}", response_model=Session, tags=["sessions"], responses=_SESSION)

@@ -68,10 +68,6 @@ class SessionNotActive(Conflict):
     code = "session_not_active"
 
 
-class SessionEnded(Conflict):
-    code = "session_ended"
-
-
 class InputBacklog(Conflict):
     """A program in the session is not reading its input and the user's tmux server holds too much of it."""
 

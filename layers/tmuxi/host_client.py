@@ -67,7 +67,6 @@ _PUBLIC: dict[str, str] = {
     "not_found": "session not found",
     "session_busy": "the session is busy (a command or program is running in it); retry when it is done",
     "session_not_active": "the session is not active",
-    "session_ended": "the command ended the session's shell; the session is over",
     "input_backlog": "a program in the session is not reading its input and too much is waiting; send keys "
                      "(C-c) to stop it, or delete sessions",
     "payload_too_large": "the input or command is too large",

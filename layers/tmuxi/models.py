@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tmuxi.routes import EXEC_TIMEOUT_MAX_S
 
 SessionState = Literal["creating", "active", "deleted", "failed", "lost", "exited"]
+# what GET /sessions lists: "live" (creating or active), "all", or sessions in one state
+SessionFilter = Literal["live", "all", "creating", "active", "deleted", "failed", "lost", "exited"]
 Role = Literal["user", "admin"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -86,7 +88,13 @@ class Session(BaseModel):
 
 
 class SessionList(BaseModel):
+    """One page, newest first (``created_at``, then ``id``, descending)."""
+
     sessions: list[Session]
+    next_cursor: str | None = Field(
+        default=None,
+        description="pass as ?cursor= for the next page; null: this page is the last",
+    )
 
 
 class InputRequest(_Strict):
@@ -138,11 +146,12 @@ class ExecRequest(_Strict):
 
 
 class ExecResult(BaseModel):
-    exit_code: int | None
+    exit_code: int | None  # 128+n for a command a signal ended (130: Ctrl-C); None when timed out or unknown
     output: str
     timed_out: bool
     truncated: bool
     duration_ms: float
+    session_ended: bool = False  # the command ended the session's shell (exit, exec, set -e): the session is over
 
 
 # --- users (admin) ---------------------------------------------------------------------------------

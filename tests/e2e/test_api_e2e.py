@@ -68,11 +68,41 @@ def test_other_users_session_is_404_without_data(stack: Any, session: str) -> No
 def test_admin_sees_all_user_sees_own(stack: Any, user: dict[str, str], session: str) -> None:
     _, admin = stack.new_user("admin")
     _, other = stack.new_user()
-    assert session in {s["id"] for s in stack.client.get("/sessions", headers=admin).json()["sessions"]}
+    everyone = stack.client.get("/sessions", params={"limit": 1000}, headers=admin).json()
+    assert session in {s["id"] for s in everyone["sessions"]} and everyone["next_cursor"] is None
     assert stack.client.get(f"/sessions/{session}", headers=admin).status_code == 200
     own = {s["id"] for s in stack.client.get("/sessions", headers=user).json()["sessions"]}
     assert session in own
     assert stack.client.get("/sessions", headers=other).json()["sessions"] == []
+
+
+def test_list_pages_through_the_gateway(stack: Any) -> None:
+    """GET /sessions through the gateway: pages of two follow next_cursor to the end, each session once; the
+    query string's limit, state and cursor are checked (422 naming the field)."""
+    _, h = stack.new_user()
+    made = []
+    for _ in range(3):
+        r = stack.client.post("/sessions", json={}, headers=h)
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+    walked, cursor, pages = [], None, 0
+    while True:
+        r = stack.client.get("/sessions", params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=h)
+        assert r.status_code == 200, r.text
+        walked += [s["id"] for s in r.json()["sessions"]]
+        pages += 1
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert walked == made[::-1] and pages == 2
+    r = stack.client.delete(f"/sessions/{made[0]}", headers=h)
+    assert r.status_code == 204, r.text
+    ended = stack.client.get("/sessions", params={"state": "deleted"}, headers=h).json()
+    assert [s["id"] for s in ended["sessions"]] == [made[0]] and ended["next_cursor"] is None
+    for params, field in [({"limit": 0}, "query.limit"), ({"limit": 1001}, "query.limit"),
+                          ({"state": "gone"}, "query.state"), ({"cursor": "x" + made[1]}, "query.cursor")]:
+        body = _err(stack.client.get("/sessions", params=params, headers=h), 422, "validation_error")
+        assert [f["field"] for f in body["error"]["fields"]] == [field], body
 
 
 # --- invalid input ----------------------------------------------------------------------------------------
@@ -252,14 +282,16 @@ def _new_session(stack: Any, headers: dict[str, str]) -> str:
 
 
 def test_exec_that_exits_the_shell_ends_the_session(stack: Any) -> None:
-    """`exit` in a command ends the session's shell: the exec says so at once (not after its timeout) and the
-    session is recorded as exited."""
+    """`exit` in a command ends the session's shell: the exec answers at once (not after its timeout) with the
+    command's output and exit status and says the session ended; the session is recorded as exited."""
     _, headers = stack.new_user()
     sid = _new_session(stack, headers)
     t0 = time.monotonic()
     r = stack.client.post(f"/sessions/{sid}/exec", json={"command": "echo bye; exit 3", "timeout_s": 20},
                           headers=headers)
-    _err(r, 409, "session_ended")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["output"], body["exit_code"], body["session_ended"], body["timed_out"]) == ("bye\n", 3, True, False)
     assert time.monotonic() - t0 < 10, "waited for the timeout instead of noticing the shell exit"
     assert stack.client.get(f"/sessions/{sid}", headers=headers).json()["state"] == "exited"
     _err(stack.client.post(f"/sessions/{sid}/input", json={"text": "x"}, headers=headers), 409,

@@ -111,7 +111,9 @@ def test_each_session_goes_to_the_host_with_most_free_capacity(stack: StackHandl
     _, h = stack.new_user()
     chosen = set()
     for _ in range(6):
-        live = stack.client.get("/sessions", headers=admin).json()["sessions"]
+        listed = stack.client.get("/sessions", params={"limit": 1000}, headers=admin).json()
+        live, more = listed["sessions"], listed["next_cursor"]
+        assert more is None  # every live session, not one page of them
         counts = {hid: sum(1 for s in live if s["host_id"] == hid) for hid in ("host-1", "host-2")}
         fewest = min(counts.values())
         got = _create(stack, h)["host_id"]

@@ -5,11 +5,13 @@ is how API Gateway builds it. Nothing of the project is faked."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -127,7 +129,8 @@ def test_create_get_list_delete(user: tuple[str, str, Ctx]) -> None:
 
     listed = invoke("list_sessions", ctx, token, queryStringParameters=None, multiValueQueryStringParameters=None)
     assert listed.status == 200, listed
-    assert set(listed.body) == {"sessions"} and sid in {x["id"] for x in listed.body["sessions"]}
+    assert set(listed.body) == {"sessions", "next_cursor"} and sid in {x["id"] for x in listed.body["sessions"]}
+    assert listed.body["next_cursor"] is None
 
     deleted = invoke("delete_session", ctx, token, **_sid(sid))
     assert deleted.status == 204 and deleted.text == "", deleted
@@ -178,8 +181,9 @@ def test_exec_returns_output_and_exit_code(user: tuple[str, str, Ctx], session: 
     _, token, ctx = user
     r = invoke("exec", ctx, token, **_sid(session))  # the sample body: echo hello
     assert r.status == 200, r
-    assert set(r.body) == {"exit_code", "output", "timed_out", "truncated", "duration_ms"}
+    assert set(r.body) == {"exit_code", "output", "timed_out", "truncated", "duration_ms", "session_ended"}
     assert r.body["exit_code"] == 0 and "hello" in r.body["output"] and r.body["timed_out"] is False
+    assert r.body["session_ended"] is False
     failed = invoke("exec", ctx, token, body={"command": "(exit 3)", "timeout_s": 10}, **_sid(session))
     assert failed.status == 200, failed
     assert failed.body["exit_code"] == 3
@@ -293,6 +297,153 @@ def test_bad_uuid_is_422_naming_path_id(user: tuple[str, str, Ctx]) -> None:
     _, token, ctx = user
     r = invoke("get_session", ctx, token, pathParameters={"id": "not-a-uuid"})
     assert r.status == 422 and "path.id" in r.body["error"]["message"], r
+
+
+# --- lists: pages with a cursor, filters by state ---------------------------------------------------------
+
+
+def _list(ctx: Ctx, token: str, **query: Any) -> Result:
+    q = {k: str(v) for k, v in query.items()}
+    return invoke("list_sessions", ctx, token, queryStringParameters=q or None,
+                  multiValueQueryStringParameters={k: [v] for k, v in q.items()} or None)
+
+
+def _walk(ctx: Ctx, token: str, **query: Any) -> list[list[dict[str, Any]]]:
+    """Every page of a listing, following next_cursor until it is null."""
+    pages: list[list[dict[str, Any]]] = []
+    cursor: str | None = None
+    while True:
+        r = _list(ctx, token, **query, **({"cursor": cursor} if cursor is not None else {}))
+        assert r.status == 200, r
+        assert set(r.body) == {"sessions", "next_cursor"}, r
+        pages.append(r.body["sessions"])
+        cursor = r.body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 100, "the cursor does not advance"
+
+
+def _newest_first(sessions: list[dict[str, Any]]) -> list[str]:
+    ordered = sorted(sessions, key=lambda s: (datetime.fromisoformat(s["created_at"]), uuid.UUID(s["id"])),
+                     reverse=True)
+    return [s["id"] for s in ordered]
+
+
+@pytest.fixture(scope="module")
+def lister(stack: Any) -> tuple[str, Ctx, list[dict[str, Any]]]:
+    """(token, context, sessions) of a fresh user with seven live sessions, more than two pages of three."""
+    _, headers = stack.new_user()
+    token = token_of(headers)
+    ctx = authorize(token)
+    made = []
+    for i in range(7):
+        r = invoke("create_session", ctx, token, body={"name": f"page{i}", "cols": 80, "rows": 24})
+        assert r.status == 201, r
+        made.append(r.body)
+    return token, ctx, made
+
+
+def test_list_pages_with_a_cursor_through_every_session_once(lister: tuple[str, Ctx, list[dict[str, Any]]]) -> None:
+    token, ctx, made = lister
+    pages = _walk(ctx, token, limit=3)
+    assert [len(p) for p in pages] == [3, 3, 1]
+    walked = [s["id"] for p in pages for s in p]
+    assert walked == _newest_first(made)  # every session exactly once, newest first (created_at, then id)
+    assert walked == _newest_first([s for p in pages for s in p])
+    # a page exactly as long as what is left says so: no empty page after it
+    assert [len(p) for p in _walk(ctx, token, limit=7)] == [7]
+    whole = _list(ctx, token)  # the default page (100) holds them all
+    assert [s["id"] for s in whole.body["sessions"]] == walked and whole.body["next_cursor"] is None
+
+
+def test_list_filters_by_state(stack: Any) -> None:
+    _, headers = stack.new_user()
+    token = token_of(headers)
+    ctx = authorize(token)
+    ids = []
+    for _ in range(4):
+        r = invoke("create_session", ctx, token, body={"cols": 80, "rows": 24})
+        assert r.status == 201, r
+        ids.append(r.body["id"])
+    for sid in ids[:2]:
+        assert invoke("delete_session", ctx, token, **_sid(sid)).status == 204
+    newest = ids[::-1]  # created one after another
+    live, deleted = [i for i in newest if i in ids[2:]], [i for i in newest if i in ids[:2]]
+
+    def listed(**query: Any) -> list[str]:
+        return [s["id"] for p in _walk(ctx, token, **query) for s in p]
+
+    assert listed() == listed(state="live") == listed(state="active") == live  # live is the default
+    assert listed(state="deleted") == listed(state="deleted", limit=1) == deleted
+    assert listed(state="all") == listed(state="all", limit=3) == newest
+    assert listed(include_ended="true") == newest  # the older spelling of state=all
+    assert listed(state="live", include_ended="true") == live  # an explicit state wins
+    assert listed(state="exited") == listed(state="lost") == listed(state="creating") == []
+    for s in _list(ctx, token, state="deleted").body["sessions"]:
+        assert s["state"] == "deleted" and s["ended_at"]
+
+
+@pytest.mark.parametrize(("query", "field"), [
+    ({"limit": "0"}, "query.limit"), ({"limit": "1001"}, "query.limit"), ({"limit": "-5"}, "query.limit"),
+    ({"limit": "ten"}, "query.limit"), ({"state": "bogus"}, "query.state"), ({"state": "LIVE"}, "query.state"),
+    ({"state": ""}, "query.state"),
+])
+def test_list_bad_limit_or_state_is_422_naming_the_field(user: tuple[str, str, Ctx], query: dict[str, str],
+                                                         field: str) -> None:
+    _, token, ctx = user
+    r = _list(ctx, token, **query)
+    assert r.status == 422, r
+    assert r.body["error"]["code"] == "validation_error" and [f["field"] for f in r.body["error"]["fields"]] == [field]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_list_tampered_cursor_is_422_invalid_cursor(lister: tuple[str, Ctx, list[dict[str, Any]]]) -> None:
+    token, ctx, _ = lister
+    good = _list(ctx, token, limit=3).body["next_cursor"]
+    assert good
+    hexid = uuid.uuid4().hex
+    for bad in ["", "not a cursor", "!!!!", good + "A", good[:-2], good[1:], good + "==", "A" * 2000,
+                _b64(b"hello"), _b64(b"\xff\xfe\x00"), _b64(f"-1.{hexid}".encode()),
+                _b64(f"{10**18 - 1}.{hexid}".encode()), _b64(f"99999999999999999999.{hexid}".encode()),
+                _b64(f"1700000000000000.{hexid[:-1]}".encode()), _b64(f"1700000000000000.{hexid.upper()}".encode()),
+                _b64(f"1700000000000000.{hexid}.x".encode()), _b64(f"017.{hexid}".encode()),
+                _b64(f"1.5.{hexid}".encode())]:
+        r = _list(ctx, token, cursor=bad)
+        assert r.status == 422, (bad, r)
+        assert r.body["error"]["fields"] == [{"field": "query.cursor", "message": "invalid cursor"}], (bad, r)
+        assert r.body["error"]["message"] == "query.cursor: invalid cursor"
+
+
+def test_list_cursor_never_shows_another_users_sessions(stack: Any,
+                                                        lister: tuple[str, Ctx, list[dict[str, Any]]]) -> None:
+    token, ctx, made = lister
+    first = _list(ctx, token, limit=3).body
+    _, headers = stack.new_user()
+    other = token_of(headers)
+    octx = authorize(other)
+    mine = invoke("create_session", octx, other, body={"cols": 80, "rows": 24}).body["id"]
+    # the first user's cursor positions the other user's walk: it shows none of the first user's sessions
+    assert _list(octx, other, cursor=first["next_cursor"]).body == {"sessions": [], "next_cursor": None}
+    # a well-formed cursor anyone can make (far in the future, any id) lists the caller's own sessions only
+    from tmuxi.pagination import encode_cursor
+    forged = encode_cursor(datetime.now(UTC) + timedelta(days=1), uuid.uuid4())
+    for state in ("live", "all", "active"):
+        assert [s["id"] for s in _list(octx, other, cursor=forged, state=state).body["sessions"]] == [mine]
+    assert {s["id"] for s in _list(ctx, token, cursor=forged).body["sessions"]} == {s["id"] for s in made}
+    # an admin pages everyone's sessions the same way: after the first user's third session come their next
+    _, aheaders = stack.new_user("admin")
+    admin = token_of(aheaders)
+    actx = authorize(admin)
+    after = _list(actx, admin, cursor=first["next_cursor"], limit=4).body
+    assert [s["id"] for s in after["sessions"]] == _newest_first(made)[3:7] and after["next_cursor"]
+    top = _list(actx, admin, limit=2, state="all").body
+    assert top["sessions"][0]["id"] == mine and len(top["sessions"]) == 2 and top["next_cursor"]
+    nxt = _list(actx, admin, limit=2, state="all", cursor=top["next_cursor"]).body["sessions"]
+    assert len(nxt) == 2 and not {s["id"] for s in nxt} & {s["id"] for s in top["sessions"]}
+    assert _newest_first(top["sessions"] + nxt) == [s["id"] for s in top["sessions"] + nxt]
 
 
 # --- limits -----------------------------------------------------------------------------------------------

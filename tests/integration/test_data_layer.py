@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -272,3 +273,162 @@ def test_rate_limit_falls_back_per_process_when_redis_is_down(deps: Deps) -> Non
     finally:
         deps.redis.start()
     _wait_redis_up()
+
+
+# --- listing sessions: keyset pages -------------------------------------------------------------------------
+_MANY = 2500
+# as in a system that has run a while: most sessions ended; of every 50, 10 live (one still being created)
+_STATES = ["creating"] + ["active"] * 9 + ["lost", "failed"] + ["exited"] * 3 + ["deleted"] * 35
+
+
+@pytest.fixture(scope="module")
+def many_sessions(deps: Deps) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
+    """(owner, other): 2,500 sessions each in every state, created in the same stretch of time, eight at a time
+    at the same instant (four of each: their ids order them). Removed afterwards."""
+    from tmuxi.db.pool import connection
+
+    owner, other = _user(), _user()
+    with connection() as conn:
+        conn.execute(
+            "INSERT INTO sessions (id, owner_id, state, tmux_name, cols, rows, created_at)"
+            " SELECT gen_random_uuid(), o, (%(states)s::text[])[1 + i %% 50], 'tlist', 80, 24,"
+            "  now() - (i / 4) * interval '1 millisecond'"
+            " FROM unnest(%(owners)s::uuid[]) AS o, generate_series(0, %(n)s - 1) AS i",
+            {"owners": [owner, other], "states": _STATES, "n": _MANY},
+        )
+        conn.execute("ANALYZE sessions")
+    try:
+        yield owner, other
+    finally:
+        with connection() as conn:
+            conn.execute("DELETE FROM sessions WHERE owner_id = ANY(%s)", ([owner, other],))
+
+
+def _sessions_of(owner: uuid.UUID | None) -> list[dict[str, Any]]:
+    """Every session of ``owner`` (everyone's: None), newest first, ordered here rather than by PostgreSQL."""
+    from tmuxi.db.pool import connection
+
+    with connection() as conn:
+        rows = conn.execute("SELECT id, state, created_at FROM sessions WHERE %(o)s::uuid IS NULL OR owner_id = %(o)s",
+                            {"o": owner}).fetchall()
+    return sorted(rows, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+
+
+def _walk_pages(p: Principal, state: str, limit: int) -> list[list[uuid.UUID]]:
+    """Every page of the service's listing, following next_cursor (decoded as the route decodes it)."""
+    from tmuxi.pagination import decode_cursor
+    from tmuxi.services import sessions as sessions_service
+
+    pages: list[list[uuid.UUID]] = []
+    after = None
+    while True:
+        page = sessions_service.list_sessions(p, state, limit, after)
+        pages.append([s.id for s in page.sessions])
+        if page.next_cursor is None:
+            return pages
+        assert len(pages) <= _MANY, "the cursor does not advance"
+        after = decode_cursor(page.next_cursor)
+
+
+def test_list_cursor_reaches_every_session_exactly_once_in_order(
+        many_sessions: tuple[uuid.UUID, uuid.UUID]) -> None:
+    owner, other = many_sessions
+    _, p = _principal(owner)
+    mine = _sessions_of(owner)
+    assert len(mine) == _MANY
+    for state, limit in [("all", 97), ("all", 1000), ("live", 100), ("lost", 33), ("creating", 1000)]:
+        want = [r["id"] for r in mine if state == "all" or r["state"] == state
+                or (state == "live" and r["state"] in repo.LIVE_STATES)]
+        pages = _walk_pages(p, state, limit)
+        assert [i for page in pages for i in page] == want, state  # each exactly once, newest first
+        assert all(len(page) == limit for page in pages[:-1]) and 1 <= len(pages[-1]) <= limit
+        assert len(pages) == -(-len(want) // limit)
+    # the other owner's sessions, made at the same instants, are in none of these pages, and the other way round
+    theirs = _sessions_of(other)
+    assert len(theirs) == _MANY and not {r["id"] for r in theirs} & {i for pg in _walk_pages(p, "all", 500) for i in pg}
+    _, q = _principal(other)
+    assert [i for pg in _walk_pages(q, "live", 50) for i in pg] == [r["id"] for r in theirs
+                                                                     if r["state"] in repo.LIVE_STATES]
+
+
+def test_admin_list_pages_through_everyones_sessions(many_sessions: tuple[uuid.UUID, uuid.UUID]) -> None:
+    admin = _user("admin")
+    token, _ = auth.issue_token(admin, "an-admin", "admin")
+    p = auth_service.authorize(token)
+    everyone = _sessions_of(None)
+    assert len(everyone) >= 2 * _MANY
+    walked = [i for page in _walk_pages(p, "all", 1000) for i in page]
+    assert walked == [r["id"] for r in everyone]
+    live = [i for page in _walk_pages(p, "live", 250) for i in page]
+    assert live == [r["id"] for r in everyone if r["state"] in repo.LIVE_STATES]
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+# the index each filter's first page is read from: the one made for it
+_FIRST_PAGE_INDEX = {
+    ("owner", "all"): {"sessions_owner_created"}, ("admin", "all"): {"sessions_created"},
+    ("owner", "live"): {"sessions_owner_live_created"}, ("admin", "live"): {"sessions_live_created"},
+    ("owner", "lost"): {"sessions_owner_state_created"}, ("admin", "lost"): {"sessions_state_created"},
+    # (nine in ten live sessions are active: the live index, filtered, serves as well)
+    ("owner", "active"): {"sessions_owner_state_created", "sessions_owner_live_created"},
+    ("admin", "active"): {"sessions_state_created", "sessions_live_created"},
+    ("owner", "deleted"): {"sessions_owner_state_created", "sessions_owner_created"},
+    ("admin", "deleted"): {"sessions_state_created", "sessions_created"},
+}
+
+
+@pytest.mark.parametrize(("whose", "state"), sorted(_FIRST_PAGE_INDEX))
+def test_list_query_reads_one_page_from_an_index(many_sessions: tuple[uuid.UUID, uuid.UUID], whose: str,
+                                                 state: str) -> None:
+    """EXPLAIN ANALYZE of each shape of the listing: the first page is an ordered scan of the index made for its
+    filter, stopping after the page and one more row (no sort, no sequential scan); a page further on reads
+    no more than that, however many rows come before it."""
+    from tmuxi.db.pool import connection
+
+    owner, _ = many_sessions
+    who = owner if whose == "owner" else None
+    rows = [r for r in _sessions_of(who) if state == "all" or r["state"] == state
+            or (state == "live" and r["state"] in repo.LIVE_STATES)]
+    assert len(rows) >= 50
+    for at in (None, len(rows) // 4, len(rows) // 2):
+        after = None if at is None else (rows[at]["created_at"], rows[at]["id"])
+        sql, params = repo.list_sessions_query(who, state, 10, after)
+        with connection() as conn:
+            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()
+        assert plan is not None
+        nodes = list(_plan_nodes(plan["QUERY PLAN"][0]["Plan"]))
+        kinds = [n["Node Type"] for n in nodes]
+        scans = [n for n in nodes if "Index" in n["Node Type"] and "Index Name" in n]
+        assert "Seq Scan" not in kinds and len(scans) == 1, (at, kinds)
+        if at is None:
+            assert "Sort" not in kinds and scans[0]["Node Type"] in ("Index Scan", "Index Only Scan"), kinds
+            assert scans[0]["Index Name"] in _FIRST_PAGE_INDEX[whose, state], scans[0]["Index Name"]
+        # at most twice the page (10 and one more), or, where little is left after the cursor and the planner
+        # reads it all and sorts it, what is left: never the rows before the cursor
+        read = scans[0]["Actual Rows"] + scans[0].get("Rows Removed by Filter", 0)
+        left = len(rows) - (at or 0)
+        assert read <= 2 * 11 or read <= min(left, 100), (at, scans[0]["Index Name"], read, scans[0].get("Filter"))
+
+
+def test_list_last_page_costs_what_the_first_does(many_sessions: tuple[uuid.UUID, uuid.UUID]) -> None:
+    owner, _ = many_sessions
+    mine = _sessions_of(owner)
+    near_end = (mine[-150]["created_at"], mine[-150]["id"])
+
+    def best_of(after: tuple[Any, uuid.UUID] | None) -> float:
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            rows, more = repo.list_sessions(owner, "all", 100, after)
+            times.append(time.perf_counter() - t0)
+            assert len(rows) == 100 and more
+        return min(times)
+
+    best_of(None)  # warm the pool and the plan cache
+    first, late = best_of(None), best_of(near_end)
+    assert late < first * 3 + 0.002, (first, late)  # an offset would read 2,350 rows to skip them: ~20x

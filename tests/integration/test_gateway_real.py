@@ -98,7 +98,7 @@ async def test_other_users_session_is_404(gw: LocalGateway, stack: Any, session:
         r = await c.get(f"/sessions/{session}", headers=other)
         listed = await c.get("/sessions", headers=other)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    assert listed.status_code == 200 and listed.json() == {"sessions": []}
+    assert listed.status_code == 200 and listed.json() == {"sessions": [], "next_cursor": None}
 
 
 async def test_work_in_a_session_through_the_gateway(gw: LocalGateway, user: dict[str, str], session: str) -> None:

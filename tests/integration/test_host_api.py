@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -250,3 +251,61 @@ def test_control_client_death_is_repaired(client: HostClient, session: uuid.UUID
     wait_for(lambda: client.exec(session, "echo healed", 5).output == "healed\n", what="exec after reconnect")
     assert client.health()["status"] == "ok"
     assert str(session) in {s["session_id"] for s in client.list_sessions()}
+
+
+# --- an exec tells the truth about its command --------------------------------------------------------------------
+def test_exec_ended_by_ctrl_c_answers_130_at_once(client: HostClient, session: uuid.UUID,
+                                                  host: tuple[HostClient, Settings]) -> None:
+    import threading
+
+    host_settings = host[1]
+    got: list[Any] = []
+    def run() -> None:
+        try:
+            got.append(client.exec(session, "echo started; sleep 30", 20))
+        except Exception as exc:  # shown by the assertion below
+            got.append(exc)
+
+    t = threading.Thread(target=run)
+    t0 = time.monotonic()
+    t.start()
+    wait_for(lambda: info_of(client, session) and tmux(
+        host_settings, info_of(client, session)["account"], "display", "-p", "-t",
+        info_of(client, session)["pane_id"], "#{pane_current_command}").strip() == "sleep", what="sleep running")
+    client.send_input(session, keys=["C-c"])
+    t.join(15)
+    assert got, "the exec did not answer"
+    r = got[0]
+    assert (r.exit_code, r.timed_out, r.session_ended) == (130, False, False), r
+    assert r.output == "started\n" and time.monotonic() - t0 < 10
+    assert_no_exit_trap(client, session)
+
+
+def assert_no_exit_trap(client: HostClient, sid: uuid.UUID) -> None:
+    """No EXIT trap of an exec is left in the shell (asked outside an exec, which sets its own)."""
+    client.send_input(sid, data=b"trap -p EXIT >~/traps; echo checked >>~/traps\r")
+    wait_for(lambda: client.exec(sid, "cat ~/traps", 5).output == "checked\n", what="no EXIT trap left")
+
+
+def test_exec_that_ends_the_shell_answers_its_output_and_status(client: HostClient) -> None:
+    for command, code in (("echo bye; exit 3", 3), ("set -e; echo before; false; echo never", 1),
+                          ("echo gone; kill -9 $$", None)):
+        sid = uuid.uuid4()
+        client.create_session(sid, 77, 80, 24)
+        r = client.exec(sid, command, 10)
+        assert r.session_ended and not r.timed_out and r.exit_code == code, (command, r)
+        assert r.output.split("\n")[0] in ("bye", "before", "gone")
+        wait_for(lambda sid=sid: str(sid) not in {s["session_id"] for s in client.list_sessions()},  # type: ignore[misc]
+                 what="the session to be gone")
+
+
+def test_exec_timeout_escalates_to_sigterm_and_sigkill(client: HostClient, session: uuid.UUID) -> None:
+    for ignores, least in (("INT", 1.0), ("INT TERM", 2.0)):
+        t0 = time.monotonic()
+        r = client.exec(session, f"echo go; sh -c 'trap \"\" {ignores}; exec sleep 60'", 0.5)
+        took = time.monotonic() - t0
+        assert r.timed_out and r.exit_code is None and r.output.startswith("go\n"), r
+        assert least <= took < least + 3, took  # SIGINT ignored: SIGTERM after 1 s; also ignored: SIGKILL 1 s later
+        after = client.exec(session, "ps -o args= -s $$ | grep -c '[s]leep 60'", 5)
+        assert after.output == "0\n" and after.exit_code == 1  # nothing left running
+        assert_no_exit_trap(client, session)

@@ -10,6 +10,7 @@ from psycopg.types.json import Jsonb
 
 from tmuxi.db.pool import connection
 from tmuxi.errors import Conflict, HostUnavailable, NotFound, QuotaExceeded
+from tmuxi.pagination import MAX_PAGE
 
 Row = dict[str, Any]
 LIVE_STATES = ("creating", "active")
@@ -212,15 +213,49 @@ def get_own_session(session_id: UUID, owner_id: UUID) -> Row | None:
                             (session_id, owner_id)).fetchone()
 
 
-def list_sessions(owner_id: UUID | None, include_ended: bool) -> list[Row]:
-    """Sessions of one owner (or of everyone when owner_id is None), newest first."""
+SESSION_STATES = ("creating", "active", "deleted", "failed", "lost", "exited")
+# the live states written out, so the planner matches the partial indexes of migration 0005 in every plan
+_LIVE_SQL = "state IN (" + ", ".join(f"'{st}'" for st in LIVE_STATES) + ")"
+
+
+def list_sessions_query(owner_id: UUID | None, state: str, limit: int,
+                        after: tuple[datetime, UUID] | None = None) -> tuple[str, dict[str, Any]]:
+    """The statement ``list_sessions`` runs (tests EXPLAIN it). One shape per (owner or all, state filter, a
+    cursor or not), each served by an index of migration 0005 in ``(created_at, id)`` order: a page reads its
+    rows and one more, however many sessions there are."""
+    if state not in ("live", "all", *SESSION_STATES):
+        raise ValueError(f"unknown state filter {state!r}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit {limit} is outside 1..{MAX_PAGE}")
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if owner_id is not None:
+        where.append("owner_id = %(owner)s")
+        params["owner"] = owner_id
+    if state == "live":
+        where.append(_LIVE_SQL)
+    elif state != "all":
+        where.append("state = %(state)s")
+        params["state"] = state
+    if after is not None:
+        where.append("(created_at, id) < (%(at)s, %(id)s)")
+        params["at"], params["id"] = after
+    sql = (f"SELECT {_SESSION_COLS} FROM sessions"
+           + (" WHERE " + " AND ".join(where) if where else "")
+           + f" ORDER BY created_at DESC, id DESC LIMIT {int(limit) + 1}")  # an int: one plan per page size
+    return sql, params
+
+
+def list_sessions(owner_id: UUID | None, state: str = "live", limit: int = MAX_PAGE,
+                  after: tuple[datetime, UUID] | None = None) -> tuple[list[Row], bool]:
+    """One page of the sessions of one owner (of everyone when owner_id is None), newest first
+    (``created_at``, then ``id``, descending), strictly after ``after`` (the ``(created_at, id)`` of the last
+    row of the previous page). ``state``: "live" (creating or active), "all", or one state. Returns the rows
+    (at most ``limit``) and whether more follow."""
+    sql, params = list_sessions_query(owner_id, state, limit, after)
     with connection() as conn:
-        return conn.execute(
-            f"SELECT {_SESSION_COLS} FROM sessions"
-            " WHERE (%(owner)s::uuid IS NULL OR owner_id = %(owner)s) AND (%(all)s OR state = ANY(%(live)s))"
-            " ORDER BY created_at DESC LIMIT 1000",
-            {"owner": owner_id, "all": include_ended, "live": list(LIVE_STATES)},
-        ).fetchall()
+        rows = conn.execute(sql, params).fetchall()
+    return rows[:limit], len(rows) > limit
 
 
 def record_activity(session_id: UUID, actor: UUID, action: str, detail: dict[str, Any]) -> None:

@@ -15,7 +15,6 @@ from tmuxi.errors import (
     HostUnavailable,
     NotFound,
     PayloadTooLarge,
-    SessionEnded,
     SessionNotActive,
 )
 from tmuxi.models import (
@@ -27,8 +26,10 @@ from tmuxi.models import (
     ScreenResponse,
     Session,
     SessionCreate,
+    SessionList,
 )
 from tmuxi.observability import logger
+from tmuxi.pagination import MAX_PAGE, Cursor, encode_cursor
 from tmuxi.services import auth as auth_service
 from tmuxi.settings import get_settings
 
@@ -84,10 +85,15 @@ def create_session(p: Principal, body: SessionCreate) -> Session:
     return _public(repo.activate_session(sid, p.user_id, created["pane_id"]))
 
 
-def list_sessions(p: Principal, include_ended: bool = False) -> list[Session]:
+def list_sessions(p: Principal, state: str = "live", limit: int = 100, after: Cursor | None = None) -> SessionList:
+    """A page of the caller's sessions (an admin's: everyone's), newest first, after ``after`` (a decoded
+    ``next_cursor``). The owner filter applies whatever the cursor says: a cursor only positions."""
     auth_service.admit(p)
     owner = None if p.role == "admin" else p.user_id
-    return [_public(r) for r in repo.list_sessions(owner, include_ended)]
+    rows, more = repo.list_sessions(owner, state, limit, after)
+    last = rows[-1] if more else None
+    return SessionList(sessions=[_public(r) for r in rows],
+                       next_cursor=encode_cursor(last["created_at"], last["id"]) if last is not None else None)
 
 
 def get_session(p: Principal, session_id: UUID) -> Session:
@@ -123,12 +129,19 @@ def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True
 def end_user_sessions(owner_id: UUID, actor: UUID | None, reason: str) -> int:
     """End every live session of a user (their tmux sessions killed; a host that does not answer is not asked
     again). Returns how many."""
-    rows = repo.list_sessions(owner_id, include_ended=False)
     unreachable: set[str] = set()
-    for row in rows:
-        if not _end(row, actor, reason, kill=row["host_id"] not in unreachable):
-            unreachable.add(row["host_id"])
-    return len(rows)
+    ended = 0
+    after: Cursor | None = None
+    more = True
+    while more:  # page by page: every live session, however many
+        rows, more = repo.list_sessions(owner_id, "live", MAX_PAGE, after)
+        for row in rows:
+            if not _end(row, actor, reason, kill=row["host_id"] not in unreachable):
+                unreachable.add(row["host_id"])
+        ended += len(rows)
+        if rows:
+            after = Cursor(rows[-1]["created_at"], rows[-1]["id"])
+    return ended
 
 
 def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
@@ -176,14 +189,13 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
         raise PayloadTooLarge(f"command is {size} bytes; the limit is {s.max_command_bytes}")
     timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
     _, host = _active(p, session_id)
-    try:
-        result = host.exec(session_id, body.command, timeout)
-    except SessionEnded:
-        # The command ran `exit` (or `exec`, or killed the shell): the session is over. The host reports it
-        # too; whichever comes first records it.
-        if repo.end_session(session_id, p.user_id, "exited", "the shell exited during an exec") is not None:
-            cache.invalidate_session(str(session_id))
-        raise
+    result = host.exec(session_id, body.command, timeout)
+    # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
+    # too; whichever comes first records it.
+    ended = result.session_ended and repo.end_session(session_id, p.user_id, "exited",
+                                                      "the shell exited during an exec") is not None
+    if ended:
+        cache.invalidate_session(str(session_id))
     repo.record_activity(session_id, p.user_id, "session.exec",
                          {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
     return result
