@@ -52,9 +52,12 @@ import contextlib
 import fnmatch
 import functools
 import json
+import multiprocessing
 import os
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -934,7 +937,31 @@ def _build_gateway_http_protocol() -> type[Any]:
 
 def create_gateway_app(**kwargs: Any) -> LocalGateway:
     """The gateway ASGI app (``uvicorn local.gateway:create_gateway_app --factory``)."""
+    die_with_master()
     return LocalGateway(**kwargs)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_master() -> None:
+    """In a worker of ``uvicorn --workers N`` (a process started by multiprocessing, which is how uvicorn starts
+    them, from its main thread): have the kernel SIGKILL this process the moment its master exits, however the
+    master exits (SIGKILL included). An orphaned worker would otherwise go on serving on the shared listening
+    socket, so a new gateway could not bind the port while the old code still answered. Does nothing in any
+    other process, or off Linux."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _log().warning("prctl(PR_SET_PDEATHSIG) failed: this worker may outlive its master",
+                       extra={"errno": ctypes.get_errno()})
+        return
+    if os.getppid() != parent.pid:  # the master was already gone before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _uvicorn_config(app: Any, host: str, port: int, **kwargs: Any) -> Any:

@@ -1,6 +1,8 @@
 """``make run``: start the whole system locally and keep it running until Ctrl-C (SIGINT) or SIGTERM.
 
-Every ``TMUXI_*`` variable set in its environment reaches the services (README "Configuration")."""
+Every ``TMUXI_*`` variable set in its environment reaches the services (README "Configuration"). While it runs,
+a tmux host or the gateway that exits is restarted (``LocalStack.supervise``); one that keeps failing is given up
+on, said loudly, and makes the exit status 1."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +61,7 @@ def main() -> int:
         stack.start()
         creds = _dev_credentials(stack.data_dir / "dev-credentials.json")
         stack.ensure_user(creds["username"], creds["password"], "user")
+        stack.supervise()
         url = stack.gateway_url
         creds_file = stack.data_dir / "dev-credentials.json"
         print(f"""
@@ -67,6 +70,7 @@ tmux integration system running
   OpenAPI document:             {url}/openapi.json
   tmux hosts:                   {', '.join(f'{h} {stack.host_url(h)}' for h in stack.host_ports)}
   logs:                         {stack.log_dir}
+  (a host or the gateway that exits is restarted; see the [stack] supervisor lines)
 
 Log in as the development user (credentials in {creds_file}, mode 0600):
   TOKEN=$(curl -s {url}/auth/token -H 'content-type: application/json' -d @{creds_file} \\
@@ -84,7 +88,9 @@ Press Ctrl-C to stop everything.
         print("\nstopping ...", file=sys.stderr, flush=True)
         stack.stop(kill_tmux=not args.keep_sessions)
         print("stopped.", file=sys.stderr, flush=True)
-    return 0
+    for name, why in stack.failed.items():
+        print(f"ERROR: {name} was given up on ({why})", file=sys.stderr, flush=True)
+    return 1 if stack.failed else 0
 
 
 if __name__ == "__main__":

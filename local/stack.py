@@ -8,7 +8,15 @@ arguments (``database_url``, ``redis``, ``socket_dir``, ``gateway_port``, ``envi
 over the environment.
 
 What it writes is private: the data dir is 0711 (the embedded PostgreSQL's system user traverses it), the logs
-0700 / 0600, ``secrets.json`` 0600."""
+0700 / 0600, ``secrets.json`` 0600.
+
+Supervision (``supervise()``, started by ``local.run``): a thread notices a tmux host or the gateway exiting
+unexpectedly, kills what is left of its process group (each service is started as a group of its own: the
+gateway's uvicorn workers, a host's helpers), and starts it again after a backoff that doubles each time; a
+restart counts only once the new process itself listens on the service's port (never a leftover or another
+program answering there). After ``max_failures`` exits or failed restarts within ``failure_window_s`` it gives
+up on that process: said loudly, recorded in ``failed``, never retried. Every step is one ``[stack]
+supervisor`` line of ``key=value`` fields (process, pid, exit_code / signal, status, action, duration_ms)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +26,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +41,6 @@ from local.services import (
     new_password,
     open_private_log,
     private_dir,
-    wait_for_port,
     write_private_file,
 )
 from tmuxi.settings import env_name
@@ -45,6 +53,40 @@ _SECRETS = ("jwt_secret", "host_secret", "postgres_password", "redis_password")
 
 def _log(msg: str) -> None:
     print(f"[stack] {msg}", file=sys.stderr, flush=True)
+
+
+def _field(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' ="\n') else text
+
+
+def _event(**fields: object) -> None:
+    """One supervisor line: ``[stack] supervisor process=gateway pid=123 signal=SIGKILL status=exited ...``."""
+    _log("supervisor " + " ".join(f"{k}={_field(v)}" for k, v in fields.items() if v is not None))
+
+
+def _exit_fields(code: int) -> dict[str, object]:
+    """``exit_code=N`` for an exit, ``signal=NAME`` for a death by signal (Popen's negative return code)."""
+    if code >= 0:
+        return {"exit_code": code}
+    try:
+        return {"signal": signal.Signals(-code).name}
+    except ValueError:
+        return {"signal": -code}
+
+
+def _exit_text(code: int) -> str:
+    return " ".join(f"{k}={v}" for k, v in _exit_fields(code).items())
+
+
+class ServiceFailed(RuntimeError):
+    """A service the stack started exited, or never listened on its port, while it was being started."""
+
+
+class _Aborted(Exception):
+    """The stack is stopping: a restart under way gives up waiting (its process is stopped with the rest)."""
 
 
 def _secret_file(path: Path) -> dict[str, str]:
@@ -91,8 +133,20 @@ class LocalStack:
     host_ports: dict[str, int] = field(default_factory=dict)
     gateway_proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # the TMUXI_* settings the services get
+    # supervision (supervise()): the wait before a restart doubles from restart_backoff_s[0] up to
+    # restart_backoff_s[1]; max_failures exits or failed restarts within failure_window_s and it gives up
+    max_failures: int = 5
+    failure_window_s: float = 60.0
+    restart_backoff_s: tuple[float, float] = (0.5, 8.0)
+    failed: dict[str, str] = field(default_factory=dict)  # process -> why the supervisor gave up on it
+    restarts: dict[str, int] = field(default_factory=dict)  # process -> restarts that came up
     _inherited: dict[str, str] = field(default_factory=dict, repr=False)
     _saved_environ: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _supervisor: threading.Thread | None = field(default=None, repr=False)
+    _supervise_stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _failures: dict[str, list[float]] = field(default_factory=dict, repr=False)  # monotonic times, in window
+    _down: dict[str, float] = field(default_factory=dict, repr=False)  # process -> when to try to start it
 
     def __post_init__(self) -> None:
         if self.gateway_port is None:
@@ -192,25 +246,45 @@ class LocalStack:
             os.close(out)
 
     def start_host(self, host_id: str) -> None:
+        """Start (or start again) tmux host ``host_id``; returns once it listens on its port. By hand: the
+        supervisor forgets what it knew of this host's failures."""
+        with self._lock:
+            self._forget(host_id)
+            self._launch_host(host_id)
+
+    def stop_host(self, host_id: str, sig: int = signal.SIGTERM) -> None:
+        """Stop tmux host ``host_id``; the supervisor leaves it stopped."""
+        with self._lock:
+            self._forget(host_id)
+            proc = self.host_procs.pop(host_id, None)
+            if proc is not None:
+                _stop_proc(proc, sig)
+
+    def start_gateway(self) -> None:
+        with self._lock:
+            self._forget("gateway")
+            self._launch_gateway()
+
+    def _forget(self, name: str) -> None:
+        self._down.pop(name, None)
+        self._failures.pop(name, None)
+        self.failed.pop(name, None)
+
+    def _launch_host(self, host_id: str, abort: threading.Event | None = None) -> None:
         port = self.host_ports.get(host_id) or free_port()
         self.host_ports[host_id] = port
         _log(f"starting tmux host {host_id} on 127.0.0.1:{port} ...")
-        self.host_procs[host_id] = self._spawn(
+        proc = self.host_procs[host_id] = self._spawn(
             [sys.executable, "-m", "tmux_host"], f"{host_id}.log",
             self._child_env(**{env_name("host_id"): host_id, env_name("host_port"): str(port)}),
         )
-        wait_for_port("127.0.0.1", port, timeout_s=30)
+        self._wait_serving(proc, port, f"tmux host {host_id}", f"{host_id}.log", abort)
 
-    def stop_host(self, host_id: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.host_procs.pop(host_id, None)
-        if proc is not None:
-            _stop_proc(proc, sig)
-
-    def start_gateway(self) -> None:
+    def _launch_gateway(self, abort: threading.Event | None = None) -> None:
         from local.gateway import HTTP_PROTOCOL, KEEP_ALIVE_TIMEOUT_S
 
         _log(f"starting the local API gateway on {self.gateway_url} ...")
-        self.gateway_proc = self._spawn(
+        proc = self.gateway_proc = self._spawn(
             # uvicorn's httptools protocol with API Gateway's request limits and read timeouts (local/gateway.py)
             [sys.executable, "-m", "uvicorn", "local.gateway:create_gateway_app", "--factory",
              "--host", "127.0.0.1", "--port", str(self.gateway_port), "--loop", "uvloop", "--http", HTTP_PROTOCOL,
@@ -220,7 +294,26 @@ class LocalStack:
             "gateway.log", self._child_env(),
         )
         assert self.gateway_port is not None
-        wait_for_port("127.0.0.1", self.gateway_port, timeout_s=30)
+        self._wait_serving(proc, self.gateway_port, "the gateway", "gateway.log", abort)
+
+    def _wait_serving(self, proc: subprocess.Popen[bytes], port: int, what: str, log_name: str,
+                      abort: threading.Event | None = None, timeout_s: float = 30.0) -> None:
+        """Until ``proc`` itself holds a listening socket on ``port``: something else answering there (the
+        workers of a gateway that was killed, another program) is not it, and an exit fails at once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise ServiceFailed(f"{what} (pid {proc.pid}) exited ({_exit_text(code)}) before listening on "
+                                    f"127.0.0.1:{port}{_held_by(port)}; see {self.log_dir}/{log_name}")
+            if proc.pid in listening_pids(port, [proc.pid]):
+                return
+            if abort is not None and abort.is_set():
+                raise _Aborted
+            if time.monotonic() > deadline:
+                raise ServiceFailed(f"{what} (pid {proc.pid}) not listening on 127.0.0.1:{port} after "
+                                    f"{timeout_s:.0f}s{_held_by(port)}; see {self.log_dir}/{log_name}")
+            time.sleep(0.05)
 
     def _gateway_workers(self) -> int:
         from tmuxi.settings import Settings
@@ -257,7 +350,106 @@ class LocalStack:
             if row is None or not verify_password(password, row["password_hash"]):
                 users.set_password(username, hash_password(password))
 
+    # --- supervision ---------------------------------------------------------------------------------
+    def supervise(self, interval_s: float = 0.2) -> threading.Thread:
+        """Watch the hosts and the gateway from a thread (until ``stop()``): see the module's docstring."""
+        with self._lock:
+            if self._supervisor is None or not self._supervisor.is_alive():
+                self._supervise_stop.clear()
+                self._supervisor = threading.Thread(target=self._supervise, args=(interval_s,),
+                                                    name="stack-supervisor", daemon=True)
+                self._supervisor.start()
+            return self._supervisor
+
+    def _supervise(self, interval_s: float) -> None:
+        while not self._supervise_stop.wait(interval_s):
+            try:
+                self.supervise_once()
+            except Exception as exc:  # never die silently: the stack would no longer be supervised
+                _event(status="supervisor_error", error=repr(exc), action="retry_next_tick")
+
+    def _running(self) -> dict[str, subprocess.Popen[bytes]]:
+        procs = dict(self.host_procs)
+        if self.gateway_proc is not None:
+            procs["gateway"] = self.gateway_proc
+        return procs
+
+    def supervise_once(self) -> None:
+        """One look: note the processes that exited, start those whose backoff is over."""
+        with self._lock:
+            for name, proc in self._running().items():
+                code = proc.poll()
+                if code is not None:
+                    self._exited(name, proc, code)
+            now = time.monotonic()
+            for name, at in list(self._down.items()):
+                if at <= now and not self._supervise_stop.is_set():
+                    self._restart(name)
+
+    def _unregister(self, name: str) -> subprocess.Popen[bytes] | None:
+        if name == "gateway":
+            proc, self.gateway_proc = self.gateway_proc, None
+            return proc
+        return self.host_procs.pop(name, None)
+
+    def _exited(self, name: str, proc: subprocess.Popen[bytes], code: int) -> None:
+        self._unregister(name)
+        # what it leaves behind (uvicorn workers, helpers) goes too, before anything is started in its place
+        killed, left = kill_process_group(proc.pid)
+        self._failure(name, "exited", f"pid={proc.pid} {_exit_text(code)}", pid=proc.pid, **_exit_fields(code),
+                      leftovers_killed=killed, leftovers_remaining=",".join(map(str, left)) or None)
+
+    def _failure(self, name: str, status: str, detail: str, **fields: object) -> None:
+        """Count one failure of ``name``; schedule its restart, or give up on it after too many."""
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(name, []) if now - t < self.failure_window_s] + [now]
+        self._failures[name] = recent
+        failures = f"{len(recent)}/{self.max_failures}"
+        if len(recent) >= self.max_failures:
+            self._down.pop(name, None)
+            self.failed[name] = f"{len(recent)} failures within {self.failure_window_s:.0f}s, last: {detail}"
+            _event(process=name, status=status, **fields, failures=failures, action="give_up")
+            _log(f"ERROR: {name} failed {len(recent)} times within {self.failure_window_s:.0f}s (last: {detail}); "
+                 f"not restarting it again, it stays DOWN. See {self.log_dir}/{self._log_name(name)}.")
+            return
+        backoff = min(self.restart_backoff_s[0] * 2 ** (len(recent) - 1), self.restart_backoff_s[1])
+        self._down[name] = now + backoff
+        _event(process=name, status=status, **fields, failures=failures, action="restart", backoff_s=backoff)
+
+    @staticmethod
+    def _log_name(name: str) -> str:
+        return "gateway.log" if name == "gateway" else f"{name}.log"
+
+    def _restart(self, name: str) -> None:
+        t0 = time.monotonic()
+        try:
+            if name == "gateway":
+                self._launch_gateway(abort=self._supervise_stop)
+            else:
+                self._launch_host(name, abort=self._supervise_stop)
+        except _Aborted:
+            return  # stop() stops the process with the others
+        except Exception as exc:
+            proc = self._unregister(name)
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+                kill_process_group(proc.pid)
+            self._failure(name, "restart_failed", str(exc), pid=proc.pid if proc else None, error=str(exc),
+                          duration_ms=round((time.monotonic() - t0) * 1000))
+            return
+        self._down.pop(name, None)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        proc = self._running()[name]
+        _event(process=name, status="restarted", pid=proc.pid, restarts=self.restarts[name],
+               duration_ms=round((time.monotonic() - t0) * 1000))
+
     def stop(self, kill_tmux: bool = True, keep_deps: bool = False) -> None:
+        self._supervise_stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=60)
+            self._supervisor = None
         if self.gateway_proc is not None:
             _stop_proc(self.gateway_proc, signal.SIGTERM)
             self.gateway_proc = None
@@ -297,6 +489,76 @@ def _stop_proc(proc: subprocess.Popen[bytes], sig: int, timeout_s: float = 10.0)
     else:
         with contextlib.suppress(ProcessLookupError):  # workers it may have left behind
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _proc_pids() -> list[str]:
+    return [p for p in os.listdir("/proc") if p.isdigit()]
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (zombies hold nothing and are left out: in a container
+    nobody may reap the orphans)."""
+    members = []
+    for pid in _proc_pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            members.append(int(pid))
+    return members
+
+
+def kill_process_group(pgid: int, timeout_s: float = 10.0) -> tuple[int, list[int]]:
+    """SIGKILL what is left of process group ``pgid`` and wait until it is gone: how many there were, and
+    those still there after ``timeout_s`` (none, unless stuck in the kernel)."""
+    members = process_group_members(pgid)
+    if members:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while (left := process_group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(members), left
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    return inodes
+
+
+def listening_pids(port: int, among: Iterable[int | str] | None = None) -> set[int]:
+    """The processes (of ``among``, else all we may look at) holding a listening TCP socket on ``port``."""
+    inodes = _listening_inodes(port)
+    found: set[int] = set()
+    if not inodes:
+        return found
+    for pid in _proc_pids() if among is None else among:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    found.add(int(pid))
+                    break
+    return found
+
+
+def _held_by(port: int) -> str:
+    holders = listening_pids(port)
+    return f" (the port is held by pid {', '.join(map(str, sorted(holders)))})" if holders else ""
 
 
 def kill_tmux_servers(socket_dir: Path | None) -> None:

@@ -165,7 +165,7 @@ def local_run(settings: dict[str, str], hosts: int = 2) -> Iterator[Run]:
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def _stop_and_check_nothing_remains(run: Run, sig: int) -> None:
+def _stop_and_check_nothing_remains(run: Run, sig: int, returncode: int = 0) -> None:
     procs = run.processes()
     main = procs[0]
     main.send_signal(sig)
@@ -173,7 +173,7 @@ def _stop_and_check_nothing_remains(run: Run, sig: int) -> None:
         run.bash.wait(timeout=40)
     except subprocess.TimeoutExpired:
         pytest.fail(f"local.run did not stop within 40 s of {sig!r}: {run.log.read_text(errors='replace')[-3000:]}")
-    assert run.bash.returncode == 0, run.log.read_text(errors="replace")[-3000:]
+    assert run.bash.returncode == returncode, run.log.read_text(errors="replace")[-3000:]
     assert "stopped." in run.log.read_text(errors="replace")
     _until(lambda: all(_gone(p) for p in procs), 15, "every process it started to exit")
     left = [p for p in psutil.process_iter(["cmdline"]) if not _gone(p)
