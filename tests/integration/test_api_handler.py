@@ -10,7 +10,6 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +19,7 @@ from functions.api import app as api_app
 from functions.api.handler import handler
 from functions.authorizer.handler import handler as authorizer_handler
 from local.lambda_context import LambdaContext
+from tests.hosting import wait_for
 from tmuxi.events import authorizer_context, load_event
 from tmuxi.settings import get_settings
 
@@ -91,17 +91,6 @@ def session(user: tuple[str, str, Ctx]) -> str:
     assert r.status == 201, r
     sid: str = r.body["id"]
     return sid
-
-
-def wait_for(fn: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def _sid(sid: str) -> dict[str, Any]:

@@ -17,13 +17,13 @@ import shutil
 import socket
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from local.gateway import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_HEADER_BYTES, MAX_URL_BYTES
+from tests.hosting import wait_for
 from tests.integration import gateway_flood
 from tests.integration.test_api_handler import authorize, invoke, token_of
 from tmuxi.host_client import SECRET_HEADER
@@ -64,17 +64,6 @@ def host_screen_reads(stack: Any) -> float:
             if line.startswith("tmux_requests_total{") and 'route="/v1/sessions/{sid}/screen"' in line:
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def wait_for(fn: Callable[[], Any], timeout_s: float, interval_s: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval_s)
 
 
 # --- routing: the resource API Gateway matched, nothing else --------------------------------------------------
