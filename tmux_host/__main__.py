@@ -9,7 +9,7 @@ from typing import Any
 
 import uvicorn
 
-from tmux_host.accounts import reduced_capabilities_argv
+from tmux_host.accounts import Cgroups, reduced_capabilities_argv, subtree_name
 from tmux_host.app import create_app
 from tmuxi.observability import logger
 from tmuxi.settings import get_settings
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     # Keep of root only what isolating users needs: start again under setpriv with just those capabilities.
     reduced = reduced_capabilities_argv([sys.executable, "-m", "tmux_host", *sys.argv[1:]])
     if reduced is not None:
+        # A cgroup hierarchy's root is read-only even to root without CAP_DAC_OVERRIDE: make the host's subtree
+        # now, while this process still may (the reduced host finds it and makes each account's group in it).
+        Cgroups.probe(subtree_name(get_settings()))
         os.execvp(reduced[0], reduced)  # noqa: S606 - fixed argv, same program
     settings = get_settings()
     settings.require_host_secret()  # fail fast, before touching tmux

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import pwd
 import resource
@@ -113,26 +114,34 @@ def reduced_capabilities_argv(argv: list[str]) -> list[str] | None:
 
 
 # --- cgroups ---------------------------------------------------------------------------------------------------
+def subtree_name(settings: Settings) -> str:
+    """The host's cgroup subtree: its id, and a digest of its socket directory (stable across its restarts)."""
+    digest = hashlib.sha256(str(settings.resolved_socket_dir).encode()).hexdigest()[:8]
+    return f"{settings.host_id}-{digest}"
+
+
 @dataclass
 class Cgroups:
-    """The host's own cgroup subtree for accounts: ``<own cgroup>/tmuxi-<host_id>/a<N>`` in each controller.
-    cgroup v1 (one hierarchy per controller: memory, pids) or v2 (one unified hierarchy)."""
+    """The host's own cgroup subtree for accounts: ``<own cgroup>/tmuxi-<name>/a<N>`` in each controller, where
+    ``name`` is the host id and a digest of its socket directory (``subtree_name``): two stacks on one machine
+    (``make run`` beside ``make test``) never share, and never reap, each other's cgroups, and a restarted host
+    finds its own again. cgroup v1 (one hierarchy per controller: memory, pids) or v2 (one unified hierarchy)."""
 
     version: int
     roots: list[Path]  # per controller (v1) or the one unified root (v2)
 
     @classmethod
-    def probe(cls, host_id: str, base: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:
+    def probe(cls, name: str, base: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:
         own = _own_cgroups()
         try:
             if (base / "cgroup.controllers").exists():  # v2 only
-                return cls._probe_v2(base / own.get("", "/").lstrip("/"), host_id)
+                return cls._probe_v2(base / own.get("", "/").lstrip("/"), name)
             roots = []
             for ctrl in ("memory", "pids"):
                 mount = base / ctrl
                 if not (mount / "cgroup.procs").exists():
                     return None
-                root = mount / own.get(ctrl, "/").lstrip("/") / f"tmuxi-{host_id}"
+                root = mount / own.get(ctrl, "/").lstrip("/") / f"tmuxi-{name}"
                 root.mkdir(exist_ok=True)
                 roots.append(root)
             return cls(1, roots)
@@ -141,8 +150,8 @@ class Cgroups:
             return None
 
     @classmethod
-    def _probe_v2(cls, own: Path, host_id: str) -> Cgroups | None:
-        root = own / f"tmuxi-{host_id}"
+    def _probe_v2(cls, own: Path, name: str) -> Cgroups | None:
+        root = own / f"tmuxi-{name}"
         root.mkdir(exist_ok=True)
         try:
             (own / "cgroup.subtree_control").write_text("+memory +pids")
@@ -230,7 +239,7 @@ class Isolation:
                 "Run the tmux host as root (a container's root with Docker's default capabilities is enough); "
                 f"only development may run without isolation ({env_name('isolation')}=off)."
             )
-        cgroups = Cgroups.probe(settings.host_id) if can_switch else None
+        cgroups = Cgroups.probe(subtree_name(settings)) if can_switch else None
         has_setpriv = shutil.which("setpriv") is not None
         if can_switch and not has_setpriv:
             raise RuntimeError("setpriv (util-linux) is needed to run shells as users' accounts: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -106,7 +107,8 @@ def test_shells_run_as_their_own_account_with_a_fresh_environment(pair: tuple[Us
     # no privilege to gain from a setuid binary; every process in the account's own cgroups
     assert a.exec("grep NoNewPrivs /proc/self/status")["output"].split() == ["NoNewPrivs:", "1"]
     groups = a.exec("grep -E ':(memory|pids):' /proc/self/cgroup")["output"].split()
-    assert len(groups) == 2 and all(g.endswith(f"/tmuxi-{a.session()['host_id']}/a{a.account()}") for g in groups)
+    assert len(groups) == 2 and all(re.search(rf"/tmuxi-{a.session()['host_id']}-[0-9a-f]{{8}}/a{a.account()}$", g)
+                                    for g in groups)
 
 
 def test_no_secret_in_any_environment_command_line_or_readable_file(stack: StackHandle,
