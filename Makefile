@@ -2,13 +2,17 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run migrate test test-fast lint bench clean
 
 setup:
 	@scripts/setup.sh
 
 run: setup
 	$(PY) -m local.run
+
+# the database of TMUXI_DATABASE_URL (the local stack migrates its own embedded PostgreSQL when it starts)
+migrate: setup
+	$(PY) -m tmuxi.db.migrate
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -196,6 +196,11 @@ class EmbeddedPostgres:
             if not _password_works(url):
                 raise RuntimeError(f"the embedded PostgreSQL in {pgdata} refuses its password; see {pgdata / 'log'}")
         self._tighten(self._server)
+        # the code's own database: it comes up at the code's schema whoever starts it (the stack, `local.users`,
+        # the test fixtures), since nothing migrates on first use (tmuxi/db/migrate.py)
+        from tmuxi.db.migrate import migrate
+
+        migrate(url)
         return url
 
     def _serve(self, pgdata: Path) -> str:
