@@ -1,9 +1,12 @@
 """Redis: the session cache, users' token state, the token revocation list and per-user rate limits.
 
-Redis is not on the critical path. Every call goes through ``_gate``: when Redis cannot be reached the call
-returns ``DOWN`` at once (for ``redis_retry_after_s``) and callers fall back to PostgreSQL or to an in-process
-answer: slower, never wrong. Cache entries carry a generation number; a process that saw Redis down bumps the
-generation when Redis returns, which invalidates every entry that a missed invalidation could have left stale.
+Redis is not on the critical path. Every call goes through ``_gate``: when Redis fails in any way -- it cannot
+be reached, it times out, it answers with an error (READONLY from a replica during a failover, OOM, BUSY,
+NOSCRIPT, WRONGTYPE) or with something that does not parse -- the call returns ``DOWN``, and so does every call
+for ``redis_retry_after_s``; callers fall back to PostgreSQL or to an in-process answer: slower, never wrong.
+No connection that saw a failure is used again, so no reply left unread on it can ever be taken for another
+request's. Cache entries carry a generation number; a process that saw Redis down bumps the generation when
+Redis returns, which invalidates every entry that a missed invalidation could have left stale.
 """
 from __future__ import annotations
 
@@ -69,22 +72,36 @@ class _Gate:
             if self._was_down:
                 # First contact after an outage or a failed write: invalidate every session entry a missed
                 # delete may have left, and make revocation checks ask PostgreSQL (a revocation may be
-                # missing here) until the list is re-warmed from it.
+                # missing here) until the list is re-warmed from it. Requests admitted here meanwhile are
+                # added to the rate windows before anything else counts (Tracker.write_back).
                 client.incr(_GEN)
                 client.delete(_REVOCATIONS_LOADED)
+                _tracker.write_back(client)
                 client.ping()  # see _flushed
                 self._was_down = False
                 logger.info("redis reachable again; cache generation bumped, revocation list to re-warm")
             result = fn(client)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            _tracker.drop()  # whatever it holds may have missed an invalidation
-            self._down_until = time.monotonic() + get_settings().redis_retry_after_s
-            if not self._was_down:
-                logger.warning("redis unavailable; serving from PostgreSQL", extra={"error": type(exc).__name__})
-            self._was_down = True
-            ERRORS.labels(component="cache", kind="redis_unavailable").inc()
+        except (redis.RedisError, OSError) as exc:
+            # Any failure is Redis being down, an error reply included: a replica answering READONLY during a
+            # failover or a full Redis answering OOM did not take the write, so what it would have invalidated
+            # may be stale here exactly as after an outage.
+            self._failed(client, exc)
             return DOWN
         return result
+
+    def _failed(self, client: redis.Redis, exc: Exception) -> None:
+        _tracker.drop()  # whatever it holds may have missed an invalidation; its connections are closed
+        # and so is every idle pooled connection: none that saw the failure (or holds a reply nobody read) is
+        # used again. redis-py reads a pipeline's replies to the end before raising the first error, and the
+        # connections in use by other threads are checked for unread data when they are next taken.
+        client.connection_pool.disconnect(inuse_connections=False)
+        self._down_until = time.monotonic() + get_settings().redis_retry_after_s
+        reply = isinstance(exc, redis.ResponseError)
+        if not self._was_down:
+            logger.warning("redis unavailable; serving from PostgreSQL", extra={
+                "error": type(exc).__name__, "reply": str(exc)[:100] if reply else None})
+        self._was_down = True
+        ERRORS.labels(component="cache", kind="redis_error_reply" if reply else "redis_unavailable").inc()
 
     def mark_missed_write(self) -> None:
         """A write (invalidation) could not reach Redis: bump the generation on the next contact."""
@@ -95,7 +112,7 @@ class _Gate:
         with self._lock:
             if self._client is not None:
                 self._client.close()
-            _tracker.drop()
+            _tracker.drop(counts=True)
             _mac_key.cache_clear()
             _user_entries.clear()  # verified with that key
             _session_entries.clear()
@@ -318,15 +335,41 @@ class Admission:
 
 _INVALIDATE_CHANNEL = "__redis__:invalidate"
 _MAX_TRACKED_KEYS = 10_000
+_MAX_WINDOWS = 100_000
 RATE_SYNC_S = 0.1  # below half its limit, a caller's count is written to Redis at least this often ...
 RATE_SYNC_REQUESTS = 20  # ... and every this many requests; from half the limit on, on every request
+
+# KEYS: a caller's rate window. ARGV: the requests counted here since the last sync; the count this process last
+# had from Redis plus those (a floor: a window Redis holds less of was lost -- a restart, a failover to a replica
+# that had not caught up -- and gets back what this process knew of it); the window's lifetime in seconds.
+_RATE_SYNC = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+local floor = tonumber(ARGV[2])
+if n < floor then
+  n = floor
+  redis.call('SET', KEYS[1], n, 'EX', ARGV[3])
+elseif n == tonumber(ARGV[1]) then  -- a new window
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return n
+"""
+
+
+def _int_reply(reply: Any) -> int:
+    if not isinstance(reply, int) or isinstance(reply, bool):
+        raise redis.InvalidResponse(f"expected an integer reply, got {type(reply).__name__}")
+    return reply
 
 
 @dataclass
 class _Window:
+    window_s: int
     known: int = 0  # the caller's count in Redis at the last sync (every process's requests)
-    pending: int = 0  # requests counted here since
+    pending: int = 0  # requests counted here since: not in Redis yet
     synced_at: float = float("-inf")
+
+    def current(self, rate_key: str) -> bool:
+        return rate_key.rsplit(":", 1)[1] == str(int(time.time()) // self.window_s)
 
 
 class Tracker:
@@ -339,15 +382,18 @@ class Tracker:
     tracker's second connection. Before answering, pending invalidations are drained without blocking.
     Writers of such keys (a delete, a revoke) follow the write with a round trip (``_flushed``), after which
     Redis has sent the invalidations, so a request that follows a change -- through any process -- finds it
-    already delivered. Any error on either connection drops both and clears the memory: nothing is ever
-    answered that Redis could not have invalidated. (A round trip on every request was ~30% of a whole
-    request's CPU on the 2-core machines, mostly the wake-ups of two processes: bench/bench_gateway.py.)
+    already delivered. Any error on either connection -- an error reply included -- closes both and clears
+    the memory: nothing is ever answered that Redis could not have invalidated, and no reply left unread on a
+    connection is ever read as another request's. (A round trip on every request was ~30% of a whole
+    request's CPU on the 2-core machines, mostly the wake-ups of two processes: bench/bench_gateway.py; redis-py's
+    own client-side caching refuses Redis before 7.4 and Unix sockets, and its cache hit costs ~5x this one.)
 
-    Rate limiting is counted here. Below half its limit a caller's count is written to Redis (``INCRBY``) at
-    least every ``RATE_SYNC_S`` seconds and every ``RATE_SYNC_REQUESTS`` requests; from half the limit on,
+    Rate limiting is counted here. Below half its limit a caller's count is written to Redis (``_RATE_SYNC``)
+    at least every ``RATE_SYNC_S`` seconds and every ``RATE_SYNC_REQUESTS`` requests; from half the limit on,
     on every request. So the limit holds exactly while fewer than limit / (2 x RATE_SYNC_REQUESTS) processes
     serve one caller at once (30 at the default 1,200 a minute). A process that is frozen or killed loses at
-    most one unsynced batch of counts.
+    most one unsynced batch of counts. While Redis is down the requests a process admits are counted here
+    (``count_here``) and written to Redis when it returns (``write_back``), before anything else is counted.
     """
 
     def __init__(self) -> None:
@@ -357,10 +403,12 @@ class Tracker:
         self._values: dict[str, str | None] = {}
         self._windows: dict[str, _Window] = {}
 
-    def drop(self) -> None:
-        """Forget the connections and everything read through them."""
+    def drop(self, counts: bool = False) -> None:
+        """Forget the connections and everything read through them (``counts``: the rate counts too)."""
         with self._lock:
             self._close()
+            if counts:
+                self._windows.clear()
 
     def _close(self) -> None:
         for conn in (self._data, self._sub):
@@ -415,41 +463,97 @@ class Tracker:
                     for key in msg[2]:
                         self._values.pop(key, None)
 
-    def _window(self, rate_key: str) -> _Window:
+    def _window(self, rate_key: str, window_s: int) -> _Window:
         w = self._windows.get(rate_key)
         if w is None:  # a new window: the previous ones are over
             window = rate_key.rsplit(":", 1)[1]
             for k in [k for k in self._windows if not k.endswith(":" + window)]:
                 del self._windows[k]
-            w = self._windows[rate_key] = _Window()
+            if len(self._windows) >= _MAX_WINDOWS:  # only what Redis already has can be forgotten
+                for k in [k for k, v in self._windows.items() if not v.pending]:
+                    del self._windows[k]
+            w = self._windows[rate_key] = _Window(window_s)
         return w
 
     def admit(self, client: redis.Redis, rate_key: str, window_s: int, limit: int,
               keys: list[str]) -> tuple[int, list[str | None]]:
-        """(the caller's request count in this window, the values of ``keys``)."""
+        """(the caller's request count in this window, the values of ``keys``). Raises whatever Redis did; then
+        the request is not counted here (the caller's fallback counts it: ``count_here``)."""
         with self._lock:
-            data = self._current(client)
-            now = time.monotonic()
-            w = self._window(rate_key)
+            w = self._window(rate_key, window_s)
             w.pending += 1
-            sync = (w.pending >= RATE_SYNC_REQUESTS or now - w.synced_at >= RATE_SYNC_S
-                    or 2 * (w.known + w.pending) > limit)
-            missing = [k for k in keys if k not in self._values]
-            commands: list[tuple[Any, ...]] = []
-            if sync:
-                commands += [("SET", rate_key, 0, "EX", window_s + 1, "NX"), ("INCRBY", rate_key, w.pending)]
-            if missing:
-                commands.append(("MGET", *missing))
-            if commands:  # one round trip for all of it
-                data.send_packed_command(data.pack_commands(commands))  # type: ignore[no-untyped-call]
-                replies = [data.read_response() for _ in commands]
+            counted = False
+            try:
+                data = self._current(client)
+                now = time.monotonic()
+                sync = (w.pending >= RATE_SYNC_REQUESTS or now - w.synced_at >= RATE_SYNC_S
+                        or 2 * (w.known + w.pending) > limit)
+                missing = [k for k in keys if k not in self._values]
+                commands: list[tuple[Any, ...]] = []
+                sent = w.pending
                 if sync:
-                    w.known, w.pending, w.synced_at = int(replies[1]), 0, now
+                    commands.append(("EVAL", _RATE_SYNC, 1, rate_key, sent, w.known + sent, window_s + 1))
                 if missing:
-                    if len(self._values) + len(missing) > _MAX_TRACKED_KEYS:
-                        self._values.clear()
-                    self._values.update(zip(missing, replies[-1], strict=True))
-            return w.known + w.pending, [self._values.get(k) for k in keys]
+                    commands.append(("MGET", *missing))
+                if commands:  # one round trip for all of it; every reply is read, or the connection closed
+                    data.send_packed_command(data.pack_commands(commands))  # type: ignore[no-untyped-call]
+                    if sync:
+                        w.known, w.pending, w.synced_at = _int_reply(data.read_response()), w.pending - sent, now
+                        counted = True
+                    if missing:
+                        values = data.read_response()
+                        if not isinstance(values, list) or len(values) != len(missing):
+                            raise redis.InvalidResponse("MGET answered with something else")
+                        if len(self._values) + len(missing) > _MAX_TRACKED_KEYS:
+                            self._values.clear()
+                        self._values.update(zip(missing, values, strict=True))
+                return w.known + w.pending, [self._values.get(k) for k in keys]
+            except BaseException:
+                if not counted:
+                    w.pending -= 1
+                self._close()  # an error reply or a failure half-way: what is left unread is never read
+                raise
+
+    def count(self, client: redis.Redis, rate_key: str, window_s: int) -> int:
+        """Count one request under ``rate_key`` in Redis now (the edge limits: every request goes to Redis);
+        returns every process's count in the window. Raises whatever Redis did; then the request is not
+        counted here."""
+        with self._lock:
+            w = self._window(rate_key, window_s)
+            sent, w.pending = w.pending + 1, 0
+            floor = w.known + sent
+        try:
+            n = _int_reply(client.eval(_RATE_SYNC, 1, rate_key, sent, floor, window_s + 1))
+        except BaseException:
+            with self._lock:
+                w.pending += sent - 1
+            raise
+        with self._lock:
+            w.known, w.synced_at = max(w.known, n), time.monotonic()
+        return n
+
+    def count_here(self, rate_key: str, window_s: int) -> tuple[int, int]:
+        """While Redis is down: count one request under ``rate_key`` in this process. Returns (the count Redis
+        last gave this process for the window, this process's requests since)."""
+        with self._lock:
+            w = self._window(rate_key, window_s)
+            w.pending += 1
+            return w.known, w.pending
+
+    def write_back(self, client: redis.Redis) -> None:
+        """When Redis is back: put the requests counted here meanwhile into their windows (and, in a window
+        Redis lost, what this process knew of it), all in one round trip."""
+        with self._lock:
+            due = [(k, w, w.pending) for k, w in self._windows.items() if w.pending and w.current(k)]
+            if not due:
+                return
+            pipe = client.pipeline(transaction=False)
+            for k, w, sent in due:
+                pipe.eval(_RATE_SYNC, 1, k, sent, w.known + sent, w.window_s + 1)
+            replies = pipe.execute()
+            now = time.monotonic()
+            for (_, w, sent), n in zip(due, replies, strict=True):
+                w.known, w.pending, w.synced_at = _int_reply(n), w.pending - sent, now
 
 
 _tracker = Tracker()
@@ -458,7 +562,8 @@ _tracker = Tracker()
 def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None = None,
           window_s: int = 60, user_id: str | None = None) -> Admission | _Down:
     """Count the request for rate limiting (against ``limit``, default the setting), look up the token's
-    revocation, the session's cache entry and (``user_id``) the user's token state."""
+    revocation, the session's cache entry and (``user_id``) the user's token state. DOWN: Redis failed; the
+    request is not counted (``rate_count_while_down`` does that)."""
     rate_key = f"rl:{caller_key}:{int(time.time()) // window_s}"
     keys = [f"revoked:{jti}", _REVOCATIONS_LOADED, _GEN]
     if session_id:
@@ -493,35 +598,40 @@ def token_state(jti: str, user_id: str) -> Admission | _Down:
     return Admission(0, revoked, None, gen, _read_user(key, user_raw, gen), user_raw)
 
 
-# --- rate limits -----------------------------------------------------------------------------------
-_local_windows: dict[tuple[str, int], int] = {}
-_local_lock = threading.Lock()
+# --- rate limits while Redis is down ---------------------------------------------------------------
+# Each process counts the requests it admits and, from the count Redis last gave it for the window, estimates
+# every process's: that count plus N x its own requests since, N being ``rate_limit_processes`` (the processes
+# expected to serve one caller at once). So while Redis is down the processes together admit at most what was
+# left of the limit (a process that had not served the caller yet: at most limit / N). When Redis is back each
+# process adds its requests to the window -- and, where Redis lost the window (a restart), restores what it
+# knew of it -- before anything else is counted. Across an outage a caller thus gets at most twice its limit in
+# a window (its limit before the outage, and at most its limit during and after it), while no more than N
+# processes serve it; with Redis's data kept (a pause, error replies) about its limit.
+def _rate_key(key: str, window_s: int) -> str:
+    return f"rl:{key}:{int(time.time()) // window_s}"
 
 
 def local_rate_count(key: str, window_s: int = 60) -> int:
-    """The per-process fallback counter used while Redis is down."""
-    window = int(time.time()) // window_s
-    with _local_lock:
-        for k in [k for k in _local_windows if k[1] != window]:
-            del _local_windows[k]
-        count = _local_windows[(key, window)] = _local_windows.get((key, window), 0) + 1
-    return count
+    """While Redis is down: count one request of ``key`` in this process (Redis gets it when it returns);
+    returns this process's requests of it that Redis has not seen."""
+    return _tracker.count_here(_rate_key(key, window_s), window_s)[1]
+
+
+def rate_count_while_down(key: str, window_s: int = 60) -> int:
+    """While Redis is down: count one request of ``key`` in this process; returns the estimate of every
+    process's count in the window that the limit is held to (see above)."""
+    known, here = _tracker.count_here(_rate_key(key, window_s), window_s)
+    return known + get_settings().resolved_rate_limit_processes * here
 
 
 # --- edge counters: requests per source address, failures with growing lockouts (services/throttle.py) -----
 def count_request(key: str, window_s: int = 60) -> int:
     """Count one request under ``key`` in the current fixed window of ``window_s`` seconds and return the count
-    so far: every process's, from Redis (one round trip); this process's alone while Redis is down."""
-    rkey = f"rl:{key}:{int(time.time()) // window_s}"
-
-    def _count(r: redis.Redis) -> int:
-        pipe = r.pipeline(transaction=False)
-        pipe.set(rkey, 0, ex=window_s + 1, nx=True)
-        pipe.incr(rkey)
-        return int(pipe.execute()[1])
-
-    res = _gate.call(_count)
-    return local_rate_count(key, window_s) if isinstance(res, _Down) else res
+    so far: every process's, from Redis (one round trip); while Redis is down, the estimate of
+    ``rate_count_while_down``."""
+    rkey = _rate_key(key, window_s)
+    res = _gate.call(lambda r: _tracker.count(r, rkey, window_s))
+    return rate_count_while_down(key, window_s) if isinstance(res, _Down) else res
 
 
 # KEYS: the failure count, the lockout. ARGV: free failures, base and longest lockout (ms), window (ms). The count

@@ -133,7 +133,7 @@ def admit(p: Principal, session_id: UUID | None = None) -> cache.Admission | Non
     if adm is not None:
         count, known = adm.count, adm.revoked
     else:
-        count, known = cache.local_rate_count(key), None
+        count, known = cache.rate_count_while_down(key), None  # held to its share of the limit
     if count > limit:
         raise RateLimited(f"more than {limit} requests in a minute; slow down", limit_per_minute=limit,
                           retry_after_s=round(60 - time.time() % 60, 1))
