@@ -3,7 +3,8 @@
 Reads ``Authorization: Bearer <jwt>``, verifies it with ``tmuxi.services.auth.authorize`` and answers with an
 IAM policy allowing ``execute-api:Invoke`` on every method of the stage (so a cached policy is valid for all
 routes) plus the principal as authorizer context. Any refusal raises ``Exception("Unauthorized")`` -- that
-exact message is how API Gateway is told to answer 401. The token itself is never logged.
+exact message is how API Gateway is told to answer 401. The token itself is never logged; every line it logs
+carries the request's id (``correlation_id``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from tmuxi.errors import Unauthorized
 from tmuxi.models import Principal
-from tmuxi.observability import AUTH_FAILURES, logger
+from tmuxi.observability import AUTH_FAILURES, logger, request_context
 from tmuxi.services import auth as auth_service
 
 
@@ -66,7 +67,15 @@ def allow_policy(principal: Principal, method_arn: str) -> dict[str, Any]:
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    # API Gateway's requestId (Powertools' correlation_paths.API_GATEWAY_REST) on every line logged meanwhile.
+    # Bound per thread (not Logger.set_correlation_id, which is process-wide): the local gateway runs several
+    # invocations at once in the threads of one process.
     request_id = (event.get("requestContext") or {}).get("requestId")
+    with request_context(request_id if isinstance(request_id, str) else None):
+        return _authorize(event, request_id)
+
+
+def _authorize(event: dict[str, Any], request_id: Any) -> dict[str, Any]:
     try:
         token = bearer_token(event)
         try:
