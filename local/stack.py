@@ -132,6 +132,7 @@ class LocalStack:
     host_procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     host_ports: dict[str, int] = field(default_factory=dict)
     gateway_proc: subprocess.Popen[bytes] | None = None
+    scheduler_proc: subprocess.Popen[bytes] | None = None  # the local EventBridge (local/scheduler.py)
     env: dict[str, str] = field(default_factory=dict)  # the TMUXI_* settings the services get
     # supervision (supervise()): the wait before a restart doubles from restart_backoff_s[0] up to
     # restart_backoff_s[1]; max_failures exits or failed restarts within failure_window_s and it gives up
@@ -198,8 +199,10 @@ class LocalStack:
 
         # generated values fill only what the user left unset ...
         env: dict[str, str] = {}
+        # db_pool_max: the settings' default is Lambda's (one request at a time); the gateway's workers and the
+        # hosts serve many at once in threads
         for name, value in (("environment", "development"), ("jwt_secret", sec["jwt_secret"]),
-                            ("host_secret", sec["host_secret"])):
+                            ("host_secret", sec["host_secret"]), ("db_pool_max", "10")):
             if _set(given, name) is None:
                 env[env_name(name)] = value
         # ... what this stack decided or was told explicitly is what it runs with
@@ -225,6 +228,7 @@ class LocalStack:
             self.start_host(f"host-{i}")
         self.start_gateway()
         self.wait_ready()
+        self.start_scheduler()
         _log(f"stack ready in {time.monotonic() - t0:.1f}s")
         return self
 
@@ -264,6 +268,21 @@ class LocalStack:
         with self._lock:
             self._forget("gateway")
             self._launch_gateway()
+
+    def start_scheduler(self) -> None:
+        with self._lock:
+            self._forget("scheduler")
+            self._launch_scheduler()
+
+    def _launch_scheduler(self, abort: threading.Event | None = None) -> None:
+        """Scheduled maintenance (reconcile), as EventBridge invokes it in AWS."""
+        _log("starting the scheduler (reconcile) ...")
+        self.scheduler_proc = self._spawn([sys.executable, "-m", "local.scheduler"], "scheduler.log",
+                                          self._child_env())
+        time.sleep(0.05)
+        code = self.scheduler_proc.poll()
+        if code is not None:
+            raise ServiceFailed(f"the scheduler exited ({_exit_text(code)}); see {self.log_dir}/scheduler.log")
 
     def _forget(self, name: str) -> None:
         self._down.pop(name, None)
@@ -372,6 +391,8 @@ class LocalStack:
         procs = dict(self.host_procs)
         if self.gateway_proc is not None:
             procs["gateway"] = self.gateway_proc
+        if self.scheduler_proc is not None:
+            procs["scheduler"] = self.scheduler_proc
         return procs
 
     def supervise_once(self) -> None:
@@ -389,6 +410,9 @@ class LocalStack:
     def _unregister(self, name: str) -> subprocess.Popen[bytes] | None:
         if name == "gateway":
             proc, self.gateway_proc = self.gateway_proc, None
+            return proc
+        if name == "scheduler":
+            proc, self.scheduler_proc = self.scheduler_proc, None
             return proc
         return self.host_procs.pop(name, None)
 
@@ -425,6 +449,8 @@ class LocalStack:
         try:
             if name == "gateway":
                 self._launch_gateway(abort=self._supervise_stop)
+            elif name == "scheduler":
+                self._launch_scheduler(abort=self._supervise_stop)
             else:
                 self._launch_host(name, abort=self._supervise_stop)
         except _Aborted:
@@ -450,6 +476,9 @@ class LocalStack:
         if self._supervisor is not None:
             self._supervisor.join(timeout=60)
             self._supervisor = None
+        if self.scheduler_proc is not None:
+            _stop_proc(self.scheduler_proc, signal.SIGTERM)
+            self.scheduler_proc = None
         if self.gateway_proc is not None:
             _stop_proc(self.gateway_proc, signal.SIGTERM)
             self.gateway_proc = None

@@ -25,6 +25,7 @@ TEST_ENV = {
     "TMUXI_ENVIRONMENT": "test",
     "TMUXI_HEARTBEAT_INTERVAL_S": "0.5",
     "TMUXI_HOST_DEAD_AFTER_S": "3",
+    "TMUXI_RECONCILE_INTERVAL_S": "1",
     "TMUXI_REDIS_RETRY_AFTER_S": "0.2",
     "TMUXI_JWT_SECRET": "test-jwt-" + uuid.uuid4().hex + uuid.uuid4().hex,
     "TMUXI_HOST_SECRET": "test-host-" + uuid.uuid4().hex + uuid.uuid4().hex,

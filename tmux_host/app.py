@@ -1,11 +1,21 @@
 """Internal HTTP API of the tmux host (Starlette). Every route except ``/health`` requires the header
-``X-Tmuxi-Host-Secret``. Errors are ``{"error": {"code", "message"}}`` built from :mod:`tmuxi.errors`."""
+``X-Tmuxi-Host-Secret``. Errors are ``{"error": {"code", "message", "request_id"}}`` built from
+:mod:`tmuxi.errors`.
+
+Each request is served under the id the API sends in ``X-Request-Id`` (API Gateway's requestId): every line the
+host logs while serving it -- its request line, the engine's warnings, tasks it starts -- carries it as
+``correlation_id``, and the response (errors included) carries it in ``X-Request-Id``. Bound per task
+(tmuxi.observability.request_context): concurrent requests on the event loop never mix ids. An id that is
+missing, longer than 128 characters or outside ``[A-Za-z0-9._:-]`` is replaced by one of the host's own
+(``h-`` + 16 hex digits), and the one given is never logged."""
 from __future__ import annotations
 
 import base64
 import binascii
 import contextlib
 import hmac
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,9 +31,9 @@ from starlette.routing import Route
 
 from tmux_host.engine import Engine, Registry
 from tmuxi import errors
-from tmuxi.host_client import SECRET_HEADER
+from tmuxi.host_client import REQUEST_ID_HEADER, SECRET_HEADER
 from tmuxi.models import KEY_NAME, ExecRequest, ResizeRequest
-from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger
+from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger, request_context
 from tmuxi.settings import Settings, get_settings
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -46,9 +56,22 @@ class InputBody(_Body):
     keys: list[str] | None = Field(default=None, max_length=256)
 
 
-def _error(exc: errors.AppError) -> JSONResponse:
-    body = {"error": {"code": exc.code, "message": exc.message}}
-    return JSONResponse(body, status_code=exc.status)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(given: str | None) -> tuple[str, bool]:
+    """(the id to serve a request under, whether the one given was replaced). A given id is used only if it is
+    short and of a safe charset (it goes into log lines and response headers); any other is replaced."""
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given, False
+    return "h-" + os.urandom(8).hex(), given is not None
+
+
+def _error(exc: errors.AppError, rid: str) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": exc.code, "message": exc.message, "request_id": rid}}
+    if exc.details and exc.status < 500:  # e.g. how a session ended (410 session_gone)
+        body["error"]["details"] = exc.details
+    return JSONResponse(body, status_code=exc.status, headers={REQUEST_ID_HEADER: rid})
 
 
 def _engine(request: Request) -> Engine:
@@ -89,27 +112,31 @@ def endpoint(template: str, handler: Handler, *, auth: bool = True) -> Handler:
 
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
-        try:
-            if auth:
-                given = request.headers.get(SECRET_HEADER, "").encode()
-                if not hmac.compare_digest(given, request.app.state.secret):
-                    raise errors.Unauthorized("missing or wrong host secret")
-            response = await handler(request)
-        except errors.AppError as exc:
-            if exc.status >= 500:
-                ERRORS.labels(component="host", kind=exc.code).inc()
-            response = _error(exc)
-        except Exception:
-            logger.exception("unhandled error", extra={"route": template})
-            ERRORS.labels(component="host", kind="internal_error").inc()
-            response = _error(errors.AppError("internal error"))
-        elapsed = time.perf_counter() - started
-        status = str(response.status_code)
-        REQUEST_DURATION.labels(component="host", route=template, status=status).observe(elapsed)
-        REQUESTS.labels(component="host", route=template, status=status).inc()
-        if template not in ("/health", "/metrics"):
-            logger.info("request", extra={"method": request.method, "route": template,
-                                          "status": response.status_code, "duration": round(elapsed * 1000, 3)})
+        rid, replaced = request_id_of(request.headers.get(REQUEST_ID_HEADER))
+        with request_context(rid):
+            try:
+                if auth:
+                    given = request.headers.get(SECRET_HEADER, "").encode()
+                    if not hmac.compare_digest(given, request.app.state.secret):
+                        raise errors.Unauthorized("missing or wrong host secret")
+                response = await handler(request)
+                response.headers[REQUEST_ID_HEADER] = rid
+            except errors.AppError as exc:
+                if exc.status >= 500:
+                    ERRORS.labels(component="host", kind=exc.code).inc()
+                response = _error(exc, rid)
+            except Exception:
+                logger.exception("unhandled error", extra={"route": template})
+                ERRORS.labels(component="host", kind="internal_error").inc()
+                response = _error(errors.AppError("internal error"), rid)
+            elapsed = time.perf_counter() - started
+            status = str(response.status_code)
+            REQUEST_DURATION.labels(component="host", route=template, status=status).observe(elapsed)
+            REQUESTS.labels(component="host", route=template, status=status).inc()
+            if template not in ("/health", "/metrics"):
+                logger.info("request", extra={"method": request.method, "route": template,
+                                              "status": response.status_code, "duration": round(elapsed * 1000, 3),
+                                              "request_id_replaced": True if replaced else None})
         return response
 
     return wrapped
@@ -195,7 +222,9 @@ async def metrics(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+    rid, _ = request_id_of(request.headers.get(REQUEST_ID_HEADER))
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail), "request_id": rid}},
+                        status_code=exc.status_code, headers={REQUEST_ID_HEADER: rid})
 
 
 S = "/v1/sessions/{sid}"

@@ -61,7 +61,15 @@ MAX_SCREEN_BYTES = 16 << 20
 class Registry(Protocol):  # what tmuxi.registry provides (module or object)
     def heartbeat(self, info: HostInfo) -> Any: ...
     def reconcile_host(self, host_id: str, present: set[tuple[UUID, int]]) -> dict[UUID, int]: ...
-    def sessions_exited(self, host_id: str, session_ids: set[UUID]) -> None: ...
+    def sessions_ended(self, host_id: str, ended: dict[UUID, tuple[str, str]]) -> None: ...
+    def confirm_sessions(self, host_id: str, present: set[tuple[UUID, int]]) -> set[UUID]: ...
+    def host_stopped(self, host_id: str) -> None: ...
+
+
+# How many sessions that ended here are remembered, to answer 410 (how it ended) rather than 404.
+GONE_MEMORY = 4096
+# Every this many heartbeats the host asks the record which of its sessions it still holds, and kills the rest.
+CONFIRM_EVERY = 6
 
 
 @dataclass
@@ -125,6 +133,9 @@ class Engine:
         self.extra_sessions: dict[int, int] = {}  # account -> tmux sessions its user made from a shell
         self._sessions: dict[UUID, SessionRec] = {}
         self._creating: dict[UUID, int] = {}
+        # sessions that ended here: (state, reason); those not yet written to the record are in _unreported
+        self._gone: dict[UUID, tuple[str, str]] = {}
+        self._unreported: dict[UUID, tuple[str, str]] = {}
         self._locks: dict[int, asyncio.Lock] = {}  # per account: start / stop of its server, creates on it
         self._counter = itertools.count(1)
         # Bumped on every create/drop: a refresh whose listing raced a create or a kill leaves those alone.
@@ -173,6 +184,10 @@ class Engine:
     async def stop(self, *, kill_servers: bool = False) -> None:
         """Detach from the tmux servers. Sessions keep running (they outlive the host) unless ``kill_servers``."""
         self._stopping = True
+        if self.registry is not None and self._started:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._report_ended(), 2.0)  # what ended here reaches the record
+                await asyncio.wait_for(asyncio.to_thread(self.registry.host_stopped, self.host_id), 2.0)
         for t in list(self._bg):
             t.cancel()
         for t in list(self._bg):
@@ -220,10 +235,21 @@ class Engine:
                 await server.connect()
             except ControlClosed as exc:
                 raise errors.HostUnavailable(f"could not start the tmux server: {exc.message}") from exc
+            self._server_replaced(server)
             server.start_supervising(self._on_reconnect)
         return server
 
+    def _server_replaced(self, server: UserServer) -> None:
+        """Right after a connect, before anything reads the server: if it is a new one, the one before died
+        (killed) and its sessions with it -- lost, not exited."""
+        if server.restarted:
+            server.restarted = False
+            acct = server.account.number
+            for rec in [r for r in self._sessions.values() if r.account == acct]:
+                self._ended(rec, "lost", "its tmux server died")
+
     async def _on_reconnect(self, server: UserServer) -> None:
+        self._server_replaced(server)
         await self._refresh_server(server)
 
     async def _server(self, rec: SessionRec) -> UserServer:
@@ -333,6 +359,7 @@ class Engine:
             return
         finally:
             server.refreshing = False
+        self._server_replaced(server)  # its sessions are lost, not exited, if it is a new server
         extra = listing.extra
         for sid, (tmux_id, pane, pid) in listing.sessions.items():
             rec = self._sessions.get(sid)
@@ -341,13 +368,10 @@ class Engine:
             elif sid not in self._creating:
                 extra += 1
         self.extra_sessions[acct] = extra
-        exited: set[UUID] = set()
         for sid in [s for s, r in self._sessions.items() if r.account == acct and s not in listing.sessions]:
             if sid in self._creating or self._changed_at.get(sid, -1) > seq:
                 continue  # created or killed while this listing was in flight
-            self._drop(self._sessions[sid], "exited")
-            exited.add(sid)
-        await self._report_exited(exited)
+            self._ended(self._sessions[sid], "exited", "its shell exited")
         await self._stop_if_unused(acct)
 
     async def refresh(self, timeout_s: float | None = None) -> None:
@@ -376,26 +400,78 @@ class Engine:
                 if not server.refreshing:
                     self._spawn(self._refresh_server(server), f"refresh-{server.account.name}")
 
-    async def _report_exited(self, exited: set[UUID]) -> None:
-        """Tell the registry about sessions whose shell exited, so the record says so at once."""
-        if not exited or self.registry is None:
+    def _ended(self, rec: SessionRec, state: str, reason: str) -> None:
+        """A session ended here on its own (``exited``: its shell exited; ``lost``: its server died): forget it,
+        remember how (requests for it answer 410 saying so), and report it to the record -- until the record has
+        it: a report that fails is sent again with the next heartbeat, never dropped."""
+        if self._sessions.get(rec.session_id) is not rec:
             return
+        self._drop(rec, state)
+        self._remember(rec.session_id, state, reason)
+        self._unreported[rec.session_id] = (state, reason)
+        if self.registry is not None and not self._stopping:
+            self._spawn(self._report_ended(), "report-ended")
+
+    def _remember(self, sid: UUID, state: str, reason: str) -> None:
+        self._gone[sid] = (state, reason)
+        if len(self._gone) > GONE_MEMORY:
+            for old in list(self._gone)[:GONE_MEMORY // 2]:
+                del self._gone[old]
+
+    async def _report_ended(self) -> None:
+        if not self._unreported or self.registry is None:
+            return
+        batch = dict(self._unreported)
         try:
-            await asyncio.to_thread(self.registry.sessions_exited, self.host_id, exited)
-        except Exception as exc:  # the next start's reconcile marks them lost instead
-            logger.warning("could not record exited sessions", extra={"count": len(exited), "error": str(exc)})
-        else:
-            logger.info("sessions exited", extra={"count": len(exited)})
+            await asyncio.to_thread(self.registry.sessions_ended, self.host_id, batch)
+        except Exception as exc:
+            ERRORS.labels(component="host", kind="report_ended").inc()
+            logger.warning("could not record ended sessions; will retry", extra={"count": len(batch),
+                                                                                 "error": str(exc)[:200]})
+            return
+        for sid, what in batch.items():
+            if self._unreported.get(sid) == what:
+                del self._unreported[sid]
+        logger.info("sessions ended", extra={"count": len(batch)})
+
+    async def _confirm(self) -> None:
+        """Kill the tmux sessions the record does not have as held here (a create rolled back or moved to
+        another host, a delete whose kill never reached this host)."""
+        if self.registry is None:
+            return
+        present = {(sid, r.account) for sid, r in self._sessions.items() if sid not in self._creating}
+        if not present:
+            return
+        seq = self._change_seq
+        try:
+            keep = await asyncio.to_thread(self.registry.confirm_sessions, self.host_id, present)
+        except Exception as exc:
+            logger.warning("could not confirm sessions with the record", extra={"error": str(exc)[:200]})
+            return
+        for sid, _ in present - {(k, self._sessions[k].account) for k in keep if k in self._sessions}:
+            rec = self._sessions.get(sid)
+            if rec is None or self._changed_at.get(sid, -1) > seq:
+                continue  # created or ended while the record was asked
+            logger.info("killing a tmux session the record no longer has here", extra={"session_id": str(sid)})
+            with contextlib.suppress(errors.AppError):
+                await self.kill_session(sid, reason="unconfirmed")
 
     async def _heartbeat_loop(self) -> None:
-        """Only the registry: nothing a user's server does can delay it."""
-        while not self._stopping:
+        """Only the registry: nothing a user's server does can delay it. Reports of ended sessions that failed
+        go again; every CONFIRM_EVERY beats the host's sessions are confirmed with the record."""
+        for beat in itertools.count(1):
+            if self._stopping:
+                return
             if self.registry is not None:
                 try:
                     await asyncio.to_thread(self.registry.heartbeat, self.host_info())
                 except Exception as exc:
                     ERRORS.labels(component="host", kind="heartbeat").inc()
                     logger.warning("registry heartbeat failed", extra={"error": str(exc)})
+                if self._unreported:
+                    await self._report_ended()
+                if beat % CONFIRM_EVERY == 0:
+                    await self._confirm()
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     def host_info(self) -> HostInfo:
@@ -406,6 +482,10 @@ class Engine:
     def _get(self, session_id: UUID) -> SessionRec:
         rec = self._sessions.get(session_id)
         if rec is None:
+            gone = self._gone.get(session_id)
+            if gone is not None:
+                raise errors.SessionGone(f"session {session_id} has ended: {gone[1]}", state=gone[0],
+                                         end_reason=gone[1])
             raise errors.NotFound(f"session {session_id} is not on this host")
         return rec
 
@@ -452,9 +532,14 @@ class Engine:
             if isinstance(failure, ControlClosed):
                 raise errors.HostUnavailable(failure.message) from failure
             if _not_found(failure):
-                if attempt == 0 and await self._reresolve(rec):
+                self._server_replaced(server)  # a server that died under this request: lost, not exited
+                if attempt == 0 and self._sessions.get(rec.session_id) is rec and await self._reresolve(rec):
                     continue
-                raise errors.NotFound(f"session {rec.session_id} is gone") from failure
+                gone = self._gone.get(rec.session_id, ("exited", "its shell exited"))
+                if self._sessions.get(rec.session_id) is rec:
+                    self._ended(rec, *gone)
+                raise errors.SessionGone(f"session {rec.session_id} has ended: {gone[1]}", state=gone[0],
+                                         end_reason=gone[1]) from failure
             ERRORS.labels(component="host", kind="tmux_error").inc()
             raise errors.AppError(str(failure)) from failure
         raise AssertionError("unreachable")
@@ -465,7 +550,7 @@ class Engine:
             lines = await server.ctl.command(f"list-panes -s -t {quote(rec.tmux_id)} "
                                              "-F 'P#{window_index} #{pane_index} #{pane_id} #{pane_pid}'")
         except TmuxCommandError:
-            self._drop(rec, "exited")
+            self._ended(rec, "exited", "its shell exited")
             return False
         panes = sorted(
             (int(p[0][1:]), int(p[1]), p[2], int(p[3]))
@@ -534,6 +619,7 @@ class Engine:
         except ControlClosed as exc:
             raise errors.HostUnavailable(exc.message) from exc
         self._drop(rec, reason)
+        self._remember(session_id, "deleted", "it was deleted")
         self._spawn(self._stop_if_unused(rec.account), f"stop-{rec.account}")
 
     # --- input -------------------------------------------------------------------------------------
@@ -717,7 +803,11 @@ class Engine:
         try:
             channel.open(script)
             wrapper = channel.wrapper()
-            await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
+            # A half-typed line the user left at the prompt is cleared first (end of line, kill to its start:
+            # readline's keys, and the terminal's own line kill where there is no line editor), never glued to
+            # the wrapper.
+            await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-e C-u",
+                                            *self.input_commands(r.pane_id, wrapper)])
             status = await self._wait_status(rec, channel, started + timeout)
             timed_out = status is None
             if status is None:
@@ -768,6 +858,8 @@ class Engine:
         seen_busy = False
         prompt_since: float | None = None
         recovered = False
+        retyped = not recover
+        typed_at = time.monotonic()
         while True:
             if channel.rc.done():
                 return channel.rc.result()
@@ -776,6 +868,15 @@ class Engine:
                 return channel.rc.result() if channel.rc.done() else (None, True)
             state = shell_state(rec.pid) if rec.pid is not None else "busy"
             now = time.monotonic()
+            if state == "prompt" and not channel.started and not seen_busy and not retyped \
+                    and now - typed_at >= self.UNSTARTED_S:
+                # Still at the prompt and the wrapper never began: the shell took it as more of an unfinished
+                # command the user left (an open quote, a trailing backslash). Ctrl-C drops that whole command,
+                # ours inside it; then the wrapper is typed once more -- only if it still has not begun.
+                retyped = True
+                await self._abandon_pending_input(rec, channel)
+                typed_at = time.monotonic()
+                continue
             if state == "busy":
                 seen_busy, prompt_since = True, None
             elif state == "prompt" and channel.started and recover and not recovered:
@@ -790,6 +891,21 @@ class Engine:
             if remaining <= 0:
                 return None
             await asyncio.wait([channel.rc], timeout=min(0.02 if prompt_since else 0.05, remaining))
+
+    # How long the shell may sit at its prompt without beginning the wrapper before it is taken to have read it as
+    # part of an unfinished command (the wrapper's first act, a builtin, takes well under a millisecond).
+    UNSTARTED_S = 0.3
+
+    async def _abandon_pending_input(self, rec: SessionRec, channel: ExecChannel) -> None:
+        logger.info("exec wrapper absorbed by unfinished input; clearing it", extra={"session_id": str(rec.session_id)})
+        with contextlib.suppress(errors.AppError):
+            await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
+        await asyncio.sleep(0.05)  # the shell redraws its prompt
+        await self._back_at_prompt(rec, 1.0)
+        if not channel.started and not channel.rc.done():
+            wrapper = channel.wrapper()
+            with contextlib.suppress(errors.AppError):
+                await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
 
     # Grace periods of a timed-out command: SIGINT (Ctrl-C at the terminal), then SIGTERM, then SIGKILL to the
     # terminal's foreground process group.

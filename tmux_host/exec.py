@@ -125,11 +125,13 @@ class ExecChannel:
             line, _, rest = bytes(self._rc).partition(b"\n")
             self._rc[:] = rest
             line = line.strip()
-            if line == b"s":
+            status, _, tail = line.partition(b" ")
+            if not status.isdigit() or tail not in (b"", b"exit"):
+                # "s", or the start marker taken as more words of a line the user left continued (a trailing
+                # backslash): the wrapper has begun either way
                 self.started = True
             elif not self.rc.done():
-                status, _, tail = line.partition(b" ")
-                self.rc.set_result((int(status) if status.isdigit() else -1, tail == b"exit"))
+                self.rc.set_result((int(status), tail == b"exit"))
         if len(self._rc) > RC_MAX:  # no newline in sight: not the shell's
             self._rc.clear()
 

@@ -31,6 +31,15 @@ def default_terminal() -> str:
     return "screen-256color"
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed server whose parent has not reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+
+
 class UserServer:
     def __init__(self, settings: Settings, isolation: Isolation, account: Account, host_dir: Path,
                  on_notification: Callable[[UserServer, str, str], None], lock: asyncio.Lock) -> None:
@@ -46,6 +55,7 @@ class UserServer:
         self.refresh_pending = False
         self.stopping = False
         self.pid: int | None = None  # the tmux server's
+        self.restarted = False  # the last connect found a new server: the one before died, with its sessions
         self._rss: tuple[float, int | None] = (0.0, None)
         self.ctl = ControlClient(
             self.socket_path, shell=settings.shell, env=isolation.env(account, settings.shell),
@@ -70,6 +80,8 @@ class UserServer:
         """(Re)attach to the server, starting it if needed, and set its options."""
         if self.ctl.alive:
             return
+        if self.pid is not None and not _running(self.pid):
+            self.restarted = True  # known before anything can use the new server's connection
         self.prepare_dirs()
         await self.ctl.start()
         # Global options, before any session is created. NB: do NOT set window-size globally: tmux 3.3a crashes
@@ -83,9 +95,10 @@ class UserServer:
             "display-message -p 'P#{pid}'",
         ])
         pid_line = replies[-1]
-        self.pid = None
+        before, self.pid = self.pid, None
         if isinstance(pid_line, list):
             self.pid = next((int(ln[1:]) for ln in pid_line if ln.startswith("P") and ln[1:].isdigit()), None)
+        self.restarted = self.restarted or (before is not None and self.pid != before)
 
     def start_supervising(self, on_reconnect: Callable[[UserServer], object]) -> None:
         if self.supervisor is None or self.supervisor.done():

@@ -46,7 +46,7 @@ from tmuxi.models import (
     UserUpdate,
     ValidateResponse,
 )
-from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger
+from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger, request_context
 from tmuxi.pagination import MAX_PAGE, decode_cursor
 from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
@@ -308,10 +308,16 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _request_id(scope: Mapping[str, Any]) -> str | None:
+    """API Gateway's requestId (Powertools' correlation_paths.API_GATEWAY_REST) of the request."""
+    event = scope.get("aws.event")
+    rid = (event.get("requestContext") or {}).get("requestId") if isinstance(event, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
 def _request_ids(scope: Mapping[str, Any]) -> dict[str, Any]:
     """The ids a log line is found by: API Gateway's requestId and the Lambda invocation's aws_request_id."""
-    event = scope.get("aws.event") or {}
-    return {"request_id": (event.get("requestContext") or {}).get("requestId"),
+    return {"request_id": _request_id(scope),
             "lambda_request_id": getattr(scope.get("aws.context"), "aws_request_id", None)}
 
 
@@ -329,6 +335,8 @@ async def _app_error(request: Request, exc: AppError) -> JSONResponse:
         })
     headers = None
     retry_after = exc.details.get("retry_after_s") if exc.details else None
+    if exc.status == 503 and retry_after is None:
+        retry_after = 1  # every 503 is "retry shortly": say when
     if exc.status in (429, 503) and isinstance(retry_after, int | float):
         headers = {"Retry-After": str(max(1, int(retry_after + 0.999)))}
     return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
@@ -385,7 +393,12 @@ _METRIC_CHILDREN: dict[tuple[str, int], tuple[Any, Any]] = {}
 class _EdgeMiddleware:
     """Pure ASGI (no per-request task or stream objects): refuses oversized bodies before anything parses
     them, turns unexpected exceptions into a bare 500 (logged with the traceback, never sent), and writes one
-    structured log line + metrics per request with the route template (never tokens or bodies)."""
+    structured log line + metrics per request with the route template (never tokens or bodies).
+
+    API Gateway's requestId is bound for the whole request: every line logged while serving it (here, in the
+    services, in the host client) carries it as ``correlation_id``, and the host client sends it to the tmux
+    host. Bound per thread / task (tmuxi.observability.request_context): the local gateway runs invocations in
+    several threads of one process. API Gateway returns it to the client itself (``x-amzn-RequestId``)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -394,6 +407,10 @@ class _EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with request_context(_request_id(scope)):
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         start = time.perf_counter()
         limit = get_settings().max_body_bytes
         state = {"status": 0}

@@ -74,6 +74,14 @@ class InputBacklog(Conflict):
     code = "input_backlog"
 
 
+class SessionGone(AppError):
+    """The session has ended (deleted, exited, failed, lost) or is being deleted: every terminal operation on it
+    answers this, with ``details.state`` and ``details.end_reason``."""
+
+    status = 410
+    code = "session_gone"
+
+
 class PayloadTooLarge(AppError):
     status = 413
     code = "payload_too_large"

@@ -18,9 +18,12 @@ import httpx
 
 from tmuxi import errors
 from tmuxi.models import ExecResult, ScreenResponse
+from tmuxi.observability import request_id
 from tmuxi.settings import Settings, get_settings
 
 SECRET_HEADER = "X-Tmuxi-Host-Secret"  # noqa: S105 - a header name, not a secret
+# The id of the API request a host call serves (API Gateway's requestId): the host logs under it.
+REQUEST_ID_HEADER = "X-Request-Id"
 EXEC_TIMEOUT_MARGIN_S = 5.0
 
 
@@ -57,7 +60,7 @@ def _error_classes() -> dict[str, type[errors.AppError]]:
 
 _BY_STATUS: dict[int, type[errors.AppError]] = {
     400: errors.BadRequest, 404: errors.NotFound, 409: errors.Conflict, 413: errors.PayloadTooLarge,
-    422: errors.BadRequest, 429: errors.RateLimited, 503: errors.HostUnavailable,
+    410: errors.SessionGone, 422: errors.BadRequest, 429: errors.RateLimited, 503: errors.HostUnavailable,
 }
 # The host refusing our secret is this service's fault (configuration), never the caller's: 503.
 _OURS = {401, 403}
@@ -67,6 +70,7 @@ _PUBLIC: dict[str, str] = {
     "not_found": "session not found",
     "session_busy": "the session is busy (a command or program is running in it); retry when it is done",
     "session_not_active": "the session is not active",
+    "session_gone": "the session has ended",
     "input_backlog": "a program in the session is not reading its input and too much is waiting; send keys "
                      "(C-c) to stop it, or delete sessions",
     "payload_too_large": "the input or command is too large",
@@ -132,10 +136,13 @@ class HostClient:
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> httpx.Response:
+        headers = {SECRET_HEADER: self._secret}
+        rid = request_id()
+        if rid is not None:
+            headers[REQUEST_ID_HEADER] = rid
         try:
             resp = self._http.request(
-                method, path, json=json, params=params,
-                headers={SECRET_HEADER: self._secret},
+                method, path, json=json, params=params, headers=headers,
                 timeout=timeout_s if timeout_s is not None else self.timeout_s,
             )
         except httpx.TimeoutException as exc:
@@ -149,9 +156,11 @@ class HostClient:
     @staticmethod
     def _to_error(resp: httpx.Response, base_url: str = "") -> errors.AppError:
         code, message = None, ""
+        details: Any = {}
         try:
             body = resp.json()["error"]
             code, message = body.get("code"), str(body.get("message") or "")
+            details = body.get("details") or {}
         except Exception:  # noqa: S110 - not JSON: keep the status-based mapping
             pass
         detail = f"tmux host {base_url or '?'} answered {resp.status_code} {code}: {message}"
@@ -162,6 +171,9 @@ class HostClient:
             cls = _BY_STATUS.get(resp.status_code, errors.AppError)
         if cls.status >= 500:
             return cls(detail)  # 5xx: the message is for the log; the body says busy/unavailable
+        if cls is errors.SessionGone and isinstance(details, dict):  # how it ended, in the host's words
+            kept = {k: str(details[k])[:200] for k in ("state", "end_reason") if k in details}
+            return cls(_PUBLIC[cls.code], internal=detail, **kept)
         return cls(_PUBLIC.get(cls.code, "the request was refused"), internal=detail)
 
     # --- routes ------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tmuxi.routes import EXEC_TIMEOUT_MAX_S
 
-SessionState = Literal["creating", "active", "deleted", "failed", "lost", "exited"]
+# creating -> active -> (deleting -> deleted | exited | lost), or creating -> failed: migration 0006
+SessionState = Literal["creating", "active", "deleting", "deleted", "failed", "lost", "exited"]
 # what GET /sessions lists: "live" (creating or active), "all", or sessions in one state
-SessionFilter = Literal["live", "all", "creating", "active", "deleted", "failed", "lost", "exited"]
+SessionFilter = Literal["live", "all", "creating", "active", "deleting", "deleted", "failed", "lost", "exited"]
 Role = Literal["user", "admin"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -85,6 +86,7 @@ class Session(BaseModel):
     created_at: datetime
     last_active_at: datetime
     ended_at: datetime | None = None
+    end_reason: str | None = Field(default=None, description="why it ended: deleted, exited, failed or lost")
 
 
 class SessionList(BaseModel):

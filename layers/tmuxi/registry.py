@@ -12,6 +12,7 @@ from tmuxi.db import repo
 from tmuxi.errors import AppError, HostUnavailable
 from tmuxi.host_client import HostInfo
 from tmuxi.observability import logger
+from tmuxi.settings import get_settings
 
 _url_cache: dict[str, tuple[str, float]] = {}
 _URL_TTL_S = 5.0
@@ -31,12 +32,44 @@ def heartbeat(info: HostInfo) -> None:
         logger.warning("heartbeat not recorded in PostgreSQL", extra={"host_id": info.host_id, "error": exc.message})
 
 
-def sessions_exited(host_id: str, session_ids: set[UUID]) -> None:
-    """Called by a host when sessions' shells exited (``exit`` typed, or a command ended the shell): they are
-    over. Sessions already ended (deleted meanwhile) are left as they are."""
-    for sid in session_ids:
-        if repo.end_session(sid, None, "exited", f"its shell exited (host {host_id})") is not None:
+def sessions_ended(host_id: str, ended: dict[UUID, tuple[str, str]]) -> None:
+    """Called by a host with sessions that ended there on their own: ``{session id: (state, reason)}``, state
+    ``exited`` (its shell exited) or ``lost`` (its tmux server died). Only sessions placed on that host are
+    changed; sessions already ended (deleted meanwhile) are left as they are. Raises if the record cannot be
+    written (the host keeps the report and sends it again)."""
+    for sid, (state, reason) in ended.items():
+        if state not in ("exited", "lost"):
+            continue
+        if repo.end_session(sid, None, state, reason[:200], host_id=host_id) is not None:
             cache.invalidate_session(str(sid))
+
+
+def host_stopped(host_id: str) -> None:
+    """Called by a host stopping on purpose (SIGTERM). Never raises."""
+    try:
+        repo.mark_host_stopped(host_id)
+    except AppError as exc:
+        logger.warning("host stop not recorded", extra={"host_id": host_id, "error": exc.message})
+
+
+def host_alive(host_id: str) -> bool:
+    """The host heartbeated within the dead-after window (read from PostgreSQL; True if it cannot be read: only
+    a known-dead host's sessions are declared lost)."""
+    try:
+        row = repo.get_host(host_id)
+    except AppError:
+        return True
+    if row is None:
+        return False
+    age: float = (datetime.now(UTC) - row["last_heartbeat"]).total_seconds()
+    return age < get_settings().host_dead_after_s
+
+
+def confirm_sessions(host_id: str, present: set[tuple[UUID, int]]) -> set[UUID]:
+    """Called by a host from time to time with the ``(session id, account)`` pairs it holds: those the record
+    has holding a tmux session on this host for that account. The host kills the rest (a create rolled back or
+    moved to another host, a delete whose kill did not reach it)."""
+    return repo.confirmed_on_host(host_id, present)
 
 
 def host_url(host_id: str) -> str:
@@ -61,7 +94,7 @@ def reconcile_host(host_id: str, present: set[tuple[UUID, int]]) -> dict[UUID, i
     live = repo.live_sessions_for_host(host_id)
     adopt = {sid: acct for sid, acct in present if live.get(sid) == acct}
     for sid in set(live) - set(adopt):
-        repo.end_session(sid, None, "lost", "tmux session not found when the host started")
+        repo.end_session(sid, None, "lost", "its tmux session was not found when its host started", host_id=host_id)
         cache.invalidate_session(str(sid))
     unknown = {sid for sid, _ in present} - set(adopt)
     if unknown:

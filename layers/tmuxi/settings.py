@@ -13,9 +13,17 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tmuxi.routes import EXEC_TIMEOUT_MAX_S
+from tmuxi.routes import EXEC_TIMEOUT_MAX_S, INTEGRATION_TIMEOUT_S
 
 ENV_PREFIX = "TMUXI_"
+# An exec's worst case must answer within API Gateway's integration timeout (29 s; past it the client gets a 504
+# while the command may still run). The API waits on the host for the exec's timeout plus
+# max(EXEC_HOST_MARGIN_S, host_timeout_s) (host_client.exec), and needs EXEC_API_RESERVE_S for its own work
+# around that call (the session's lookup before it, the activity record after). The host answers within the
+# margin: after a timeout it stops the command in at most 2.5 s (tmux_host/engine.py STOP_GRACE_S: SIGINT, SIGTERM
+# 1 s later, SIGKILL 1 s after that, 0.5 s for it to go) and reads the shell's $? back (0.3 s).
+EXEC_HOST_MARGIN_S = 5.0  # = host_client.EXEC_TIMEOUT_MARGIN_S (tests/integration/test_exec_deadline.py)
+EXEC_API_RESERVE_S = 2.0
 _PLACEHOLDERS = {"", "changeme", "change-me", "secret", "password", "dev", "development", "test"}
 
 
@@ -35,9 +43,23 @@ class Settings(BaseSettings):
 
     # --- PostgreSQL: the system of record. None -> embedded PostgreSQL under data_dir (local stack only).
     database_url: SecretStr | None = None
-    db_pool_min: int = Field(1, ge=0)
-    db_pool_max: int = Field(10, ge=1)
-    db_timeout_s: float = Field(5.0, gt=0)
+    # Sized for Lambda: an execution environment serves one request at a time, so it opens one connection, on
+    # first use (0 kept open: nothing connects at a cold start or before a SnapStart snapshot); the second is
+    # headroom, never opened by sequential requests. Processes serving requests in threads (the local gateway's
+    # workers, the tmux host) need more: the local stack gives them 10 (db/pool.py).
+    db_pool_min: int = Field(0, ge=0)
+    db_pool_max: int = Field(2, ge=1)
+    # The longest a request waits for a connection, a new one included (a healthy connect takes ~5 ms here).
+    db_timeout_s: float = Field(1.0, gt=0)
+    # Server side, on every connection; the client gives up on a connection still busy 0.5 s past it (a paused
+    # or vanished server cancels nothing): the longest one use of a connection can take.
+    db_statement_timeout_s: float = Field(2.0, gt=0, le=20)
+    # A pooled connection idle longer than this is checked (one empty query) before a request gets it.
+    db_check_idle_s: float = Field(1.0, ge=0)
+    # Circuit breaker: once PostgreSQL is found unreachable every request is refused at once (503, Retry-After)
+    # and one request per db_retry_s probes it, waiting at most db_probe_timeout_s for a connection.
+    db_retry_s: float = Field(1.0, gt=0, le=60)
+    db_probe_timeout_s: float = Field(0.1, gt=0, le=5)
     data_dir: Path = Path(".data")
 
     # --- Redis: cache, revocations, rate limits, host registry. Not on the critical path.
@@ -59,6 +81,10 @@ class Settings(BaseSettings):
     # --- Limits
     session_quota: int = Field(20, ge=1)
     rate_limit_per_minute: int = Field(1200, ge=1)
+    # How many processes serve one caller at once (0: the local gateway's worker count; in AWS, the API function's
+    # reserved concurrency). While Redis is down each process holds a caller to its share of the limit, so that
+    # across an outage the limit is exceeded at most twice over (cache.py, "rate limits while Redis is down").
+    rate_limit_processes: int = Field(0, ge=0, le=100_000)
     # Unauthenticated routes (/health, /auth/health, /openapi.json, /docs, POST /auth/token): requests per
     # source address per minute (services/throttle.py).
     public_rate_limit_per_minute: int = Field(120, ge=1)
@@ -74,7 +100,8 @@ class Settings(BaseSettings):
     max_command_bytes: int = Field(16384, ge=1)
     max_body_bytes: int = Field(262144, ge=1024)
     exec_timeout_default_s: float = Field(20.0, gt=0, le=EXEC_TIMEOUT_MAX_S)
-    exec_timeout_max_s: float = Field(EXEC_TIMEOUT_MAX_S, gt=0, le=EXEC_TIMEOUT_MAX_S)  # see routes.py
+    # 20 + max(5, host_timeout_s 5) + 2 = 27 s at worst (exec_worst_case_s), within API Gateway's 29 s
+    exec_timeout_max_s: float = Field(20.0, gt=0, le=EXEC_TIMEOUT_MAX_S)
     exec_max_output_bytes: int = Field(1 << 20, ge=1024)
 
     # --- Tmux host (the long-running service)
@@ -84,7 +111,7 @@ class Settings(BaseSettings):
     host_port: int = Field(7001, ge=0, le=65535)
     host_url: str | None = None  # advertised URL; default http://{host_bind}:{host_port}
     host_capacity: int = Field(500, ge=1)
-    host_timeout_s: float = Field(10.0, gt=0)
+    host_timeout_s: float = Field(5.0, gt=0)  # each call to a host; an exec's: its timeout + max(5, this)
     # How long a lone tmux command (input, resize) reads its reply on the spot before yielding to the event
     # loop (0: never): tmux answers in ~20 us, a sleep/wake-up through the loop costs ~70 us more.
     control_spin_us: int = Field(200, ge=0, le=5000)
@@ -94,6 +121,8 @@ class Settings(BaseSettings):
     control_timeout_s: float = Field(5.0, gt=0, le=60)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     host_dead_after_s: float = Field(15.0, gt=0)
+    # how often scheduled reconciliation runs (EventBridge: rate(1 minute); the local stack's scheduler: this)
+    reconcile_interval_s: float = Field(60.0, gt=0)
     shell: str = "/bin/bash"
     default_cols: int = Field(120, ge=10, le=1000)
     default_rows: int = Field(40, ge=5, le=500)
@@ -138,7 +167,35 @@ class Settings(BaseSettings):
                 raise ValueError(f"{env_name('isolation')}=off is for development only, not {self.environment}")
         return self
 
+    @model_validator(mode="after")
+    def _refuse_an_exec_past_api_gateways_timeout(self) -> Settings:
+        worst = self.exec_worst_case_s
+        if worst <= INTEGRATION_TIMEOUT_S:
+            return self
+        max_name, host_name = env_name("exec_timeout_max_s"), env_name("host_timeout_s")
+        budget = INTEGRATION_TIMEOUT_S - EXEC_API_RESERVE_S  # for the exec and the API's wait on the host
+        fixes = []
+        if budget - max(EXEC_HOST_MARGIN_S, self.host_timeout_s) > 0:
+            fixes.append(f"{max_name} to at most {budget - max(EXEC_HOST_MARGIN_S, self.host_timeout_s):g}")
+        if self.host_timeout_s > EXEC_HOST_MARGIN_S and budget - self.exec_timeout_max_s >= EXEC_HOST_MARGIN_S:
+            fixes.append(f"{host_name} to at most {budget - self.exec_timeout_max_s:g}")
+        if not fixes:
+            fixes.append(f"{host_name} to at most {EXEC_HOST_MARGIN_S:g} and {max_name} to at most "
+                         f"{budget - EXEC_HOST_MARGIN_S:g}")
+        raise ValueError(
+            f"an exec could take {worst:g} s to answer: {max_name}={self.exec_timeout_max_s:g}, plus the API's wait "
+            f"on the host past it (the larger of {EXEC_HOST_MARGIN_S:g} s and {host_name}={self.host_timeout_s:g}), "
+            f"plus {EXEC_API_RESERVE_S:g} s for the API's own work; API Gateway gives up after "
+            f"{INTEGRATION_TIMEOUT_S:g} s (504). Set " + " or ".join(fixes)
+        )
+
     # Derived values -----------------------------------------------------------------------------
+    @property
+    def exec_worst_case_s(self) -> float:
+        """The longest an exec can take to answer through the API (see EXEC_API_RESERVE_S): at most API
+        Gateway's integration timeout (enforced above)."""
+        return self.exec_timeout_max_s + max(EXEC_HOST_MARGIN_S, self.host_timeout_s) + EXEC_API_RESERVE_S
+
     @property
     def advertised_host_url(self) -> str:
         return self.host_url or f"http://{self.host_bind}:{self.host_port}"
@@ -154,6 +211,10 @@ class Settings(BaseSettings):
     @property
     def resolved_gateway_workers(self) -> int:
         return self.gateway_workers or os.cpu_count() or 1
+
+    @property
+    def resolved_rate_limit_processes(self) -> int:
+        return self.rate_limit_processes or self.resolved_gateway_workers
 
     @property
     def resolved_socket_dir(self) -> Path:

@@ -294,8 +294,27 @@ def test_exec_that_exits_the_shell_ends_the_session(stack: Any) -> None:
     assert (body["output"], body["exit_code"], body["session_ended"], body["timed_out"]) == ("bye\n", 3, True, False)
     assert time.monotonic() - t0 < 10, "waited for the timeout instead of noticing the shell exit"
     assert stack.client.get(f"/sessions/{sid}", headers=headers).json()["state"] == "exited"
-    _err(stack.client.post(f"/sessions/{sid}/input", json={"text": "x"}, headers=headers), 409,
-         "session_not_active")
+    gone = _err(stack.client.post(f"/sessions/{sid}/input", json={"text": "x"}, headers=headers), 410,
+                "session_gone")
+    assert gone["error"]["details"]["state"] == "exited"
+    assert gone["error"]["details"]["end_reason"].startswith("its shell exited")  # the host's word or the API's
+
+
+def test_exec_after_unfinished_input_runs_alone(stack: Any) -> None:
+    """Input left at the prompt -- a half-typed line, an open quote -- is cleared, never glued to an exec's
+    command: the exec answers its own output and status at once, and the shell is usable after."""
+    _, headers = stack.new_user()
+    sid = _new_session(stack, headers)
+    for pending in ("echo half-typed", 'echo "an open quote', "echo a trailing backslash \\"):
+        enter = not pending.startswith("echo half")
+        r = stack.client.post(f"/sessions/{sid}/input", json={"text": pending, "enter": enter}, headers=headers)
+        assert r.status_code == 204, r.text
+        time.sleep(0.2)  # the shell has read it
+        t0 = time.monotonic()
+        body = _exec(stack, headers, sid, "echo ran; false")
+        assert (body["output"], body["exit_code"], body["timed_out"]) == ("ran\n", 1, False), (pending, body)
+        assert time.monotonic() - t0 < 5, f"waited for the timeout after {pending!r}"
+    assert _exec(stack, headers, sid, "echo after")["output"] == "after\n"
 
 
 def test_typing_exit_ends_the_session(stack: Any) -> None:

@@ -103,7 +103,8 @@ def test_a_tmux_session_lost_while_its_host_was_down_is_marked_lost(stack: Stack
     body = _wait(lambda: (b := stack.client.get(f"/sessions/{sid}", headers=h).json())["state"] == "lost" and b,
                  what="session marked lost")
     assert body["ended_at"] is not None
-    assert _exec(stack, h, sid, "true").status_code == 409
+    gone = _exec(stack, h, sid, "true")
+    assert gone.status_code == 410 and gone.json()["error"]["details"]["state"] == "lost"
 
 
 def test_each_session_goes_to_the_host_with_most_free_capacity(stack: StackHandle) -> None:

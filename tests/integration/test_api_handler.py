@@ -109,7 +109,7 @@ def test_create_get_list_delete(user: tuple[str, str, Ctx]) -> None:
     assert s["name"] == "build" and s["state"] == "active" and (s["cols"], s["rows"]) == (120, 40)
     assert s["owner_id"] == ctx["user_id"] and s["host_id"] in ("host-1", "host-2")
     assert set(s) == {"id", "name", "owner_id", "state", "host_id", "cols", "rows", "created_at",
-                      "last_active_at", "ended_at"}
+                      "last_active_at", "ended_at", "end_reason"}
     sid = s["id"]
 
     got = invoke("get_session", ctx, token, **_sid(sid))
@@ -130,7 +130,8 @@ def test_create_get_list_delete(user: tuple[str, str, Ctx]) -> None:
     # the sample event asks include_ended=true: the query string is parsed
     ended = invoke("list_sessions", ctx, token)
     assert sid in {x["id"] for x in ended.body["sessions"]}
-    assert invoke("delete_session", ctx, token, **_sid(sid)).status == 404  # already ended
+    again = invoke("delete_session", ctx, token, **_sid(sid))  # already ended: gone, saying how
+    assert again.status == 410 and again.body["error"]["details"]["state"] == "deleted", again
 
 
 def test_other_users_session_is_404(stack: Any, session: str) -> None:

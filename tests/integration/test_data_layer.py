@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 import redis as redis_lib
 
@@ -15,6 +16,7 @@ from tests.conftest import Deps
 from tmuxi import auth, cache
 from tmuxi.db import repo
 from tmuxi.db.migrate import migrate
+from tmuxi.db.pool import connection
 from tmuxi.errors import HostUnavailable, QuotaExceeded, Unauthorized
 from tmuxi.models import Principal
 from tmuxi.services import auth as auth_service
@@ -107,13 +109,33 @@ def test_session_lifecycle_is_audited(deps: Deps) -> None:
     _host(f"lc-{uuid.uuid4().hex[:6]}", 1000)
     owner = _user()
     row = repo.reserve_session(owner, "n", 80, 24, quota=5, dead_after_s=30)
-    repo.activate_session(row["id"], owner, "%1")
-    assert repo.end_session(row["id"], owner, "deleted", "test") is not None
+    assert repo.activate_session(row["id"], owner, "%1")["state"] == "active"  # type: ignore[index]
+    assert repo.end_session(row["id"], owner, "deleted", "test") is None  # deleted only follows deleting
+    assert repo.transition(row["id"], "deleting", owner, "by test")["state"] == "deleting"  # type: ignore[index]
+    assert repo.activate_session(row["id"], owner, "%1") is None  # never back
+    assert repo.end_session(row["id"], owner, "deleted", "by test") is not None
     assert repo.end_session(row["id"], owner, "deleted", "again") is None  # not live any more
     actions = [(e["action"], e["status"]) for e in reversed(repo.audit_events(session_id=row["id"]))]
-    assert actions == [("session.create", "ok"), ("session.delete", "ok")]
+    assert actions == [("session.create", "ok"), ("session.delete", "ok"), ("session.deleted", "ok")]
     ended = repo.get_session(row["id"])
     assert ended is not None and ended["state"] == "deleted" and ended["ended_at"] is not None
+    assert ended["end_reason"] == "by test"
+
+
+def test_the_database_refuses_transitions_the_state_machine_does_not_have(deps: Deps) -> None:
+    """Enforced where the data lives: whatever updates the row, a session moves only along the machine's edges
+    (migration 0006)."""
+    _host(f"sm-{uuid.uuid4().hex[:6]}", 1000)
+    owner = _user()
+    row = repo.reserve_session(owner, None, 80, 24, quota=5, dead_after_s=30)
+    sid = row["id"]
+    with connection() as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="cannot go from creating to deleted"):
+            conn.execute("UPDATE sessions SET state = 'deleted' WHERE id = %s", (sid,))  # not through deleting
+        assert repo.end_session(sid, None, "exited", "its shell exited") is not None
+        for later in ("active", "lost", "deleting"):  # an ended session stays ended
+            with pytest.raises(psycopg.errors.CheckViolation, match="cannot go from exited"):
+                conn.execute("UPDATE sessions SET state = %s WHERE id = %s", (later, sid))
 
 
 def _redis(deps: Deps) -> redis_lib.Redis:

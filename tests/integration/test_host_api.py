@@ -91,8 +91,9 @@ def test_create_list_kill(client: HostClient, host: tuple[HostClient, Settings])
     client.kill_session(sid)
     client.kill_session(other)
     assert str(sid) not in {s["session_id"] for s in client.list_sessions()}
-    with pytest.raises(errors.NotFound):
+    with pytest.raises(errors.SessionGone) as gone:  # the host remembers how its sessions ended
         client.kill_session(sid)
+    assert gone.value.details == {"state": "deleted", "end_reason": "it was deleted"}
     h = client.health()
     assert h["status"] == "ok" and h["host_id"] == "test-host" and h["isolation"]["enabled"]
 

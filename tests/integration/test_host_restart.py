@@ -97,11 +97,17 @@ class RecordingRegistry:
         self.reconciled.append((host_id, set(present)))
         return {sid: acct for sid, acct in present if self.live.get(sid) == acct}
 
-    def sessions_exited(self, host_id: str, session_ids: set[uuid.UUID]) -> None:
+    def sessions_ended(self, host_id: str, ended: dict[uuid.UUID, tuple[str, str]]) -> None:
         pass
+
+    def confirm_sessions(self, host_id: str, present: set[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:
+        return {sid for sid, acct in present if self.live.get(sid) == acct}
 
     def heartbeat(self, info: object) -> None:
         self.heartbeats.append(info)
+
+    def host_stopped(self, host_id: str) -> None:
+        pass
 
 
 def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:

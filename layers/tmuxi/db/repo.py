@@ -121,12 +121,28 @@ def get_user_state(user_id: UUID) -> Row | None:
 
 
 # --- sessions --------------------------------------------------------------------------------------
+# The state machine of migration 0006: each state and the states it may be entered from. Every update names them
+# in its WHERE, so a transition that is not allowed changes no row (the trigger refuses any other write).
+FROM_STATES: dict[str, tuple[str, ...]] = {
+    "active": ("creating",),
+    "failed": ("creating",),
+    "deleting": ("creating", "active"),
+    "deleted": ("deleting",),
+    "exited": ("creating", "active"),
+    "lost": ("creating", "active"),
+}
+ENDED_STATES = ("deleted", "failed", "exited", "lost")
+# what holds a tmux session, for the quota and a host's capacity
+HOLDING_STATES = ("creating", "active", "deleting")
+
+
 def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quota: int,
                     dead_after_s: float) -> Row:
     """Check the owner's quota and place a new session on the live host with the most free capacity, in one
     transaction (the owner's row is locked, so concurrent creates cannot overrun the quota). The quota counts
-    the owner's live sessions and the tmux sessions they made from a shell on live hosts. The row returned
-    carries the owner's OS account number (``account_no``), allocated here on their first session."""
+    the owner's sessions that hold a tmux session and the tmux sessions they made from a shell on live hosts.
+    The row returned carries the owner's OS account number (``account_no``), allocated here on their first
+    session, and its host's URL (``host_url``)."""
     sid = uuid4()
     with connection() as conn, conn.transaction():
         user = conn.execute(
@@ -136,68 +152,160 @@ def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quot
         if user is None:
             raise NotFound("user not found")
         row = conn.execute(
-            "SELECT (SELECT count(*) FROM sessions WHERE owner_id = %(owner)s AND state = ANY(%(live)s))"
+            "SELECT (SELECT count(*) FROM sessions WHERE owner_id = %(owner)s AND state = ANY(%(holding)s))"
             " + (SELECT coalesce(sum(e.sessions), 0) FROM host_extra_sessions e JOIN hosts h ON h.id = e.host_id"
             "    WHERE e.account_no = %(acct)s AND h.last_heartbeat > now() - make_interval(secs => %(dead)s))"
             " AS n",
-            {"owner": owner_id, "live": list(LIVE_STATES), "acct": user["account_no"], "dead": dead_after_s},
+            {"owner": owner_id, "holding": list(HOLDING_STATES), "acct": user["account_no"], "dead": dead_after_s},
         ).fetchone()
         live = int(row["n"]) if row else 0
-        out = None if live >= quota else _place(conn, sid, owner_id, name, cols, rows, dead_after_s)
-        if out is not None:
-            out["account_no"] = user["account_no"]
+        out = None
+        if live < quota:
+            host = _pick_host(conn, dead_after_s, ())
+            out = conn.execute(
+                f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
+                f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
+                (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),
+            ).fetchone()
+            assert out is not None
+            out["host_url"], out["account_no"] = host["url"], user["account_no"]
     if out is None:  # audited outside the (now finished) transaction so the denial is kept
         audit(owner_id, "session.create", None, "quota_exceeded", {"live": live, "quota": quota})
         raise QuotaExceeded(f"session quota reached ({live} of {quota} live); delete a session first", quota=quota)
     return out
 
 
-def _place(conn: psycopg.Connection[Any], sid: UUID, owner_id: UUID, name: str | None, cols: int, rows: int,
-           dead_after_s: float) -> Row:
+def _pick_host(conn: psycopg.Connection[Any], dead_after_s: float, exclude: tuple[str, ...] | list[str]) -> Row:
+    """The live host with the most free capacity: heartbeating, not found unreachable since its last heartbeat,
+    not in ``exclude``."""
     host = conn.execute(
         "SELECT h.id, h.url, h.capacity - count(s.id) AS free FROM hosts h"
         " LEFT JOIN sessions s ON s.host_id = h.id AND s.state = ANY(%s)"
         " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
+        " AND (h.unreachable_at IS NULL OR h.unreachable_at < h.last_heartbeat) AND NOT h.id = ANY(%s)"
         " GROUP BY h.id ORDER BY free DESC, h.id LIMIT 1",
-        (list(LIVE_STATES), dead_after_s),
+        (list(HOLDING_STATES), dead_after_s, list(exclude)),
     ).fetchone()
     if host is None or int(host["free"]) <= 0:
         raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
-    out: Row | None = conn.execute(
-        f"INSERT INTO sessions (id, owner_id, name, state, host_id, tmux_name, cols, rows)"
-        f" VALUES (%s, %s, %s, 'creating', %s, %s, %s, %s) RETURNING {_SESSION_COLS}",
-        (sid, owner_id, name, host["id"], "t" + sid.hex, cols, rows),
-    ).fetchone()
-    assert out is not None
-    out["host_url"] = host["url"]
-    return out
+    return dict(host)
 
 
-def activate_session(session_id: UUID, actor: UUID, pane_id: str) -> Row:
+def move_session(session_id: UUID, exclude: list[str], dead_after_s: float) -> Row | None:
+    """Place a session still ``creating`` on another live host (not in ``exclude``): its create failed where it
+    was. None when it is no longer ``creating`` (a delete won). Raises HostUnavailable when no host is left."""
     with connection() as conn, conn.transaction():
+        cur = conn.execute("SELECT state FROM sessions WHERE id = %s FOR UPDATE", (session_id,)).fetchone()
+        if cur is None or cur["state"] != "creating":
+            return None
+        host = _pick_host(conn, dead_after_s, exclude)
         row = conn.execute(
-            f"UPDATE sessions SET state = 'active', pane_id = %s, last_active_at = now()"
-            f" WHERE id = %s RETURNING {_SESSION_COLS}",
-            (pane_id, session_id),
+            f"UPDATE sessions SET host_id = %s WHERE id = %s RETURNING {_SESSION_COLS}", (host["id"], session_id)
         ).fetchone()
-        _audit(conn, actor, "session.create", session_id, "ok", {"host_id": row["host_id"] if row else None})
-    assert row is not None
-    return row
+        assert row is not None
+        row["host_url"] = host["url"]
+        return row
 
 
-def end_session(session_id: UUID, actor: UUID | None, state: str, reason: str) -> Row | None:
-    """Mark a live session ended (deleted / failed / lost / exited). Returns the row, or None if it was not
-    live."""
+def mark_host_stopped(host_id: str) -> None:
+    """The host is stopping on purpose: when its heartbeat goes stale it is not reported dead."""
+    with connection() as conn:
+        conn.execute("UPDATE hosts SET stopped_at = now() WHERE id = %s", (host_id,))
+
+
+def mark_host_unreachable(host_id: str) -> None:
+    """The API could not reach this host: placement skips it until it heartbeats again."""
+    with connection() as conn:
+        conn.execute("UPDATE hosts SET unreachable_at = now() WHERE id = %s", (host_id,))
+
+
+def transition(session_id: UUID, to: str, actor: UUID | None, reason: str | None = None, *,
+               host_id: str | None = None, pane_id: str | None = None) -> Row | None:
+    """Move a session to state ``to`` from one of the states it may come from (``FROM_STATES``), and audit it,
+    in one transaction. ``host_id``: only if the session is placed on that host (a host reports only its own).
+    Returns the row as it now is, or None when the session is not in a state ``to`` may follow."""
     with connection() as conn, conn.transaction():
         row = conn.execute(
-            f"UPDATE sessions SET state = %s, ended_at = now(), end_reason = %s"
-            f" WHERE id = %s AND state = ANY(%s) RETURNING {_SESSION_COLS}",
-            (state, reason, session_id, list(LIVE_STATES)),
+            f"UPDATE sessions SET state = %(to)s, end_reason = coalesce(%(reason)s, end_reason),"
+            f" pane_id = coalesce(%(pane)s, pane_id),"
+            f" last_active_at = CASE WHEN %(to)s = 'active' THEN now() ELSE last_active_at END"
+            f" WHERE id = %(id)s AND state = ANY(%(from)s) AND (%(host)s::text IS NULL OR host_id = %(host)s)"
+            f" RETURNING {_SESSION_COLS}",
+            {"to": to, "reason": reason if to != "active" else None, "pane": pane_id, "id": session_id,
+             "from": list(FROM_STATES[to]), "host": host_id},
         ).fetchone()
         if row is not None:
-            _audit(conn, actor, f"session.{'delete' if state == 'deleted' else state}", session_id, "ok",
-                   {"reason": reason})
+            action = {"active": "create", "deleting": "delete", "deleted": "deleted"}.get(to, to)
+            _audit(conn, actor, f"session.{action}", session_id, "ok",
+                   {"host_id": row["host_id"]} if to == "active" else {"reason": reason})
         return row
+
+
+def activate_session(session_id: UUID, actor: UUID, pane_id: str) -> Row | None:
+    """``creating`` -> ``active``. None: the session is no longer ``creating`` (a delete won)."""
+    return transition(session_id, "active", actor, pane_id=pane_id)
+
+
+def end_session(session_id: UUID, actor: UUID | None, state: str, reason: str, *,
+                host_id: str | None = None) -> Row | None:
+    """Mark a session ended (failed / exited / lost, or deleted after deleting). Returns the row, or None if it
+    was not in a state that one may follow."""
+    return transition(session_id, state, actor, reason, host_id=host_id)
+
+
+def silent_hosts(dead_after_s: float) -> list[Row]:
+    """Hosts whose heartbeat is older than ``dead_after_s`` and that still hold sessions in the record."""
+    with connection() as conn:
+        return conn.execute(
+            "SELECT h.id, h.url FROM hosts h WHERE h.last_heartbeat <= now() - make_interval(secs => %s)"
+            " AND EXISTS (SELECT 1 FROM sessions s WHERE s.host_id = h.id AND s.state = ANY(%s))",
+            (dead_after_s, list(HOLDING_STATES)),
+        ).fetchall()
+
+
+def end_sessions_of_dead_host(host_id: str, dead_after_s: float) -> list[Row]:
+    """A dead host's sessions are over: those that hold a tmux session become ``lost``, those being deleted
+    ``deleted`` -- if the host is still silent (a heartbeat that came meanwhile keeps them). Returns the rows
+    changed."""
+    cols = ", ".join("s." + c.strip() for c in _SESSION_COLS.split(","))
+    with connection() as conn, conn.transaction():
+        rows = conn.execute(
+            f"UPDATE sessions s SET state = CASE WHEN s.state = 'deleting' THEN 'deleted' ELSE 'lost' END,"
+            f" end_reason = CASE WHEN s.state = 'deleting' THEN s.end_reason"
+            f"  ELSE 'its tmux host stopped answering' END"
+            f" FROM hosts h WHERE h.id = s.host_id AND h.id = %s AND s.state = ANY(%s)"
+            f" AND h.last_heartbeat <= now() - make_interval(secs => %s) RETURNING {cols}",
+            (host_id, list(HOLDING_STATES), dead_after_s),
+        ).fetchall()
+        for r in rows:
+            _audit(conn, None, f"session.{'deleted' if r['state'] == 'deleted' else 'lost'}", r["id"], "ok",
+                   {"reason": r["end_reason"], "host_id": r["host_id"]})
+        return rows
+
+
+def sessions_in_between(older_than_s: float, limit: int = 500) -> list[Row]:
+    """Sessions stuck ``creating`` or ``deleting`` for longer than ``older_than_s``, oldest first."""
+    with connection() as conn:
+        return conn.execute(
+            f"SELECT {_SESSION_COLS}, state_changed_at FROM sessions WHERE state IN ('creating', 'deleting')"
+            f" AND state_changed_at < now() - make_interval(secs => %s) ORDER BY state_changed_at LIMIT %s",
+            (older_than_s, limit),
+        ).fetchall()
+
+
+def confirmed_on_host(host_id: str, present: set[tuple[UUID, int]]) -> set[UUID]:
+    """Of the ``(session id, account)`` pairs a host found in tmux, those the record has holding a tmux session
+    on that host, owned by that account's user."""
+    if not present:
+        return set()
+    with connection() as conn:
+        rows = conn.execute(
+            "SELECT s.id FROM sessions s JOIN users u ON u.id = s.owner_id"
+            " JOIN unnest(%s::uuid[], %s::int[]) AS p(id, acct) ON p.id = s.id AND p.acct = u.account_no"
+            " WHERE s.host_id = %s AND s.state = ANY(%s)",
+            ([sid for sid, _ in present], [acct for _, acct in present], host_id, list(HOLDING_STATES)),
+        ).fetchall()
+    return {r["id"] for r in rows}
 
 
 def get_session(session_id: UUID) -> Row | None:
@@ -213,7 +321,7 @@ def get_own_session(session_id: UUID, owner_id: UUID) -> Row | None:
                             (session_id, owner_id)).fetchone()
 
 
-SESSION_STATES = ("creating", "active", "deleted", "failed", "lost", "exited")
+SESSION_STATES = ("creating", "active", "deleting", "deleted", "failed", "lost", "exited")
 # the live states written out, so the planner matches the partial indexes of migration 0005 in every plan
 _LIVE_SQL = "state IN (" + ", ".join(f"'{st}'" for st in LIVE_STATES) + ")"
 
@@ -281,7 +389,8 @@ def resize_session(session_id: UUID, actor: UUID, cols: int, rows: int) -> Row |
 
 
 def live_sessions_for_host(host_id: str) -> dict[UUID, int | None]:
-    """Live sessions placed on a host -> their owner's account number."""
+    """Sessions placed on a host that should have a tmux session there (creating or active) -> their owner's
+    account number."""
     with connection() as conn:
         rows = conn.execute(
             "SELECT s.id, u.account_no FROM sessions s JOIN users u ON u.id = s.owner_id"
@@ -320,6 +429,20 @@ def get_host(host_id: str) -> Row | None:
             "SELECT id, url, capacity, active_sessions, started_at, last_heartbeat FROM hosts WHERE id = %s",
             (host_id,),
         ).fetchone()
+
+
+def host_counts(dead_after_s: float, forget_after_s: float) -> tuple[int, int]:
+    """(hosts heartbeating, hosts that stopped heartbeating within the last ``forget_after_s`` without having
+    said they were stopping: dead)."""
+    with connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE last_heartbeat > now() - make_interval(secs => %(dead)s)) AS live,"
+            " count(*) FILTER (WHERE last_heartbeat <= now() - make_interval(secs => %(dead)s)"
+            "  AND last_heartbeat > now() - make_interval(secs => %(forget)s)"
+            "  AND (stopped_at IS NULL OR stopped_at < last_heartbeat)) AS dead FROM hosts",
+            {"dead": dead_after_s, "forget": forget_after_s},
+        ).fetchone()
+    return (int(row["live"]), int(row["dead"])) if row else (0, 0)
 
 
 def live_hosts(dead_after_s: float) -> list[Row]:

@@ -1,4 +1,5 @@
-"""The system's health: PostgreSQL (critical), Redis (degraded when down), tmux hosts.
+"""The system's health: PostgreSQL (critical), Redis (degraded when down), tmux hosts (down when none is live,
+degraded while one has recently stopped heartbeating: it is dead, and its sessions are lost).
 
 Cheap to ask repeatedly: the PostgreSQL query is made at most once per ``_DB_CHECK_TTL_S`` in a process (callers
 meanwhile, concurrent ones included, share its answer); Redis is asked each time (a ping, or nothing while it is
@@ -15,6 +16,8 @@ from tmuxi.models import HealthResponse
 from tmuxi.settings import get_settings
 
 _DB_CHECK_TTL_S = 1.0
+# A host that stopped heartbeating is reported dead (and the system degraded) for this long; then forgotten.
+DEAD_HOSTS_SHOWN_S = 600.0
 _db_lock = threading.Lock()
 _db_checks: tuple[float, dict[str, str]] = (float("-inf"), {})  # (good until, monotonic; checks)
 
@@ -27,8 +30,9 @@ def _database_checks() -> dict[str, str]:
         if _db_checks[0] > time.monotonic():  # another caller just asked
             return _db_checks[1]
         try:
-            hosts = repo.live_hosts(get_settings().host_dead_after_s)  # answers for PostgreSQL too
-            checks = {"postgres": "ok", "hosts": f"{len(hosts)} live" if hosts else "none live"}
+            live, dead = repo.host_counts(get_settings().host_dead_after_s, DEAD_HOSTS_SHOWN_S)  # PostgreSQL too
+            checks = {"postgres": "ok", "hosts": (f"{live} live" if live else "none live")
+                      + (f", {dead} dead" if dead else "")}
         except AppError:
             checks = {"postgres": "down", "hosts": "unknown"}
         _db_checks = (time.monotonic() + _DB_CHECK_TTL_S, checks)
@@ -38,9 +42,9 @@ def _database_checks() -> dict[str, str]:
 def health() -> HealthResponse:
     checks = dict(_database_checks())
     checks["redis"] = "ok" if cache.available() else "down"
-    if checks["postgres"] == "down" or checks["hosts"] == "none live":
+    if checks["postgres"] == "down" or checks["hosts"].startswith("none live"):
         status = "down"
-    elif checks["redis"] != "ok":
+    elif checks["redis"] != "ok" or checks["hosts"].endswith(" dead"):
         status = "degraded"
     else:
         status = "ok"

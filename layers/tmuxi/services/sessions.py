@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import contextlib
+from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from tmuxi import cache, host_client, registry
@@ -15,6 +17,7 @@ from tmuxi.errors import (
     HostUnavailable,
     NotFound,
     PayloadTooLarge,
+    SessionGone,
     SessionNotActive,
 )
 from tmuxi.models import (
@@ -31,7 +34,9 @@ from tmuxi.models import (
 from tmuxi.observability import logger
 from tmuxi.pagination import MAX_PAGE, Cursor, encode_cursor
 from tmuxi.services import auth as auth_service
-from tmuxi.settings import get_settings
+from tmuxi.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 _PUBLIC = set(Session.model_fields)
 
@@ -61,28 +66,127 @@ def _load(p: Principal, session_id: UUID) -> dict[str, Any]:
     return row
 
 
+def _gone(row: dict[str, Any]) -> SessionGone:
+    state, reason = row["state"], row.get("end_reason")
+    why = f"the session is {state}" + (f": {reason}" if reason else "")
+    return SessionGone(f"{why}; create a new session", state=state, end_reason=reason)
+
+
 def _active(p: Principal, session_id: UUID) -> tuple[dict[str, Any], host_client.HostClient]:
     row = _load(p, session_id)
+    if row["state"] == "creating":
+        raise SessionNotActive("the session is still being created; retry in a moment")
     if row["state"] != "active":
-        raise SessionNotActive(f"the session is {row['state']}, not active")
+        raise _gone(row)
     return row, host_client.HostClient(registry.host_url(row["host_id"]))
 
 
+def _on_host(row: dict[str, Any], call: Callable[[], T]) -> T:
+    """Run a call to the session's host. The host not having the session means it is over: its shell exited
+    (the host says so), or it was lost. Recorded -- the host's own report may still be on its way -- and answered
+    410 ``session_gone``. A host that does not answer and has stopped heartbeating is dead: its sessions are lost
+    (410 too); one that merely did not answer is a 503, retry."""
+    try:
+        return call()
+    except (SessionGone, NotFound) as exc:
+        state = exc.details.get("state") if isinstance(exc, SessionGone) else None
+        reason = exc.details.get("end_reason") if isinstance(exc, SessionGone) else None
+        if state not in ("exited", "lost"):
+            state, reason = "lost", "its tmux host does not have it"
+        raise _gone(_record_end(row, state, reason or "its tmux host does not have it")) from exc
+    except HostUnavailable:
+        if not registry.host_alive(row["host_id"]) and not _answers(row["host_id"]):
+            raise _gone(_record_end(row, "lost", "its tmux host stopped answering")) from None
+        raise
+
+
+def _answers(host_id: str) -> bool:
+    """The host answers its /health (within a second): alive, whatever its heartbeat's age says."""
+    try:
+        url = registry.host_url(host_id)
+        host_client.HostClient(url, timeout_s=min(1.0, get_settings().host_timeout_s)).health()
+    except AppError:
+        return False
+    return True
+
+
+def _record_end(row: dict[str, Any], state: str, reason: str) -> dict[str, Any]:
+    """End a session in the record (if nothing else ended it first); the row as it now is."""
+    sid: UUID = row["id"]
+    ended = repo.end_session(sid, None, state, reason)
+    cache.invalidate_session(str(sid))
+    return ended or repo.get_session(sid) or {**row, "state": state, "end_reason": reason}
+
+
+# a create is tried on at most this many hosts before the client hears it failed
+PLACEMENT_ATTEMPTS = 3
+
+
 def create_session(p: Principal, body: SessionCreate) -> Session:
+    """Reserve the session (quota, placement) in PostgreSQL, create it on its host, activate it. A host that
+    cannot take it (unreachable, full) is skipped -- by every caller until it heartbeats again -- and the create
+    is tried on the next. A delete that came in meanwhile wins: the tmux session is killed and the create
+    answers 410. Whatever is left half-done (a crash between the host and the record) reconciliation rolls back."""
     auth_service.admit(p)
     s = get_settings()
     cols, rows = body.cols or s.default_cols, body.rows or s.default_rows
     row = repo.reserve_session(p.user_id, body.name, cols, rows, s.session_quota, s.host_dead_after_s)
     sid: UUID = row["id"]
+    account: int = row["account_no"]
+    tried: list[str] = []
+    while True:
+        host_id: str = row["host_id"]
+        try:
+            created = host_client.HostClient(row["host_url"]).create_session(sid, account, cols, rows)
+            break
+        except HostUnavailable as exc:  # unreachable, timed out, full: another host may take it
+            tried.append(host_id)
+            if not isinstance(exc, host_client.HostFull):
+                repo.mark_host_unreachable(host_id)
+            logger.warning("session creation failed on a host; trying another",
+                           extra={"host_id": host_id, "error": exc.code, "attempt": len(tried)})
+            moved: dict[str, Any] | None = None
+            if len(tried) < PLACEMENT_ATTEMPTS:
+                with contextlib.suppress(HostUnavailable):  # no other host: fail below
+                    moved = repo.move_session(sid, tried, s.host_dead_after_s)
+            if moved is None:
+                _fail_create(sid, p.user_id, f"no host could take it (tried {len(tried)})", exc)
+                raise HostUnavailable(f"session {sid} could not be created on {tried}") from exc
+            row = moved
+        except AppError as exc:  # tmux refused (4xx/5xx from the host): not something another host fixes
+            _fail_create(sid, p.user_id, f"host {host_id}: {exc.code}", exc)
+            raise HostUnavailable(f"the session could not be created on tmux host {host_id}: "
+                                  f"{exc.internal or exc.message}") from exc
     try:
-        created = host_client.HostClient(row["host_url"]).create_session(sid, row["account_no"], cols, rows)
+        active = repo.activate_session(sid, p.user_id, created["pane_id"])
+    except AppError:
+        # The record could not be written: undo on the host now if it answers; reconciliation fails the row.
+        _kill_quietly(row["host_id"], sid)
+        raise
+    if active is None:  # a delete won while the host was creating it: it must not live on
+        _kill_quietly(row["host_id"], sid)
+        current = repo.end_session(sid, None, "deleted", "deleted while being created") or repo.get_session(sid)
+        cache.invalidate_session(str(sid))
+        raise _gone(current or {"state": "deleted", "end_reason": "deleted while being created"})
+    return _public(active)
+
+
+def _fail_create(sid: UUID, actor: UUID, reason: str, exc: AppError) -> None:
+    logger.warning("session creation failed", extra={"error": exc.code, "reason": reason})
+    repo.end_session(sid, actor, "failed", reason)
+
+
+def _kill_quietly(host_id: str, sid: UUID) -> bool:
+    """Kill a tmux session if its host answers. True: it is gone from the host."""
+    try:
+        host_client.HostClient(registry.host_url(host_id)).kill_session(sid)
+    except (NotFound, SessionGone):
+        return True
     except AppError as exc:
-        detail = f"host {row['host_id']}: {exc.code}: {exc.internal or exc.message}"
-        repo.end_session(sid, p.user_id, "failed", detail)
-        logger.warning("session creation failed on host", extra={"host_id": row["host_id"], "error": exc.code})
-        # whatever the host said (at capacity, a tmux failure, ...), the caller may retry: 503, details logged
-        raise HostUnavailable(f"the session could not be created on tmux {detail}") from exc
-    return _public(repo.activate_session(sid, p.user_id, created["pane_id"]))
+        logger.warning("could not kill a tmux session; reconciliation will",
+                       extra={"host_id": host_id, "error": exc.code})
+        return False
+    return True
 
 
 def list_sessions(p: Principal, state: str = "live", limit: int = 100, after: Cursor | None = None) -> SessionList:
@@ -101,34 +205,32 @@ def get_session(p: Principal, session_id: UUID) -> Session:
 
 
 def delete_session(p: Principal, session_id: UUID) -> None:
+    """A delete is recorded first (``deleting``: it wins over a create in flight), then the tmux session is
+    killed and the session is ``deleted``. If its host does not answer, the delete stands and reconciliation
+    finishes it. Deleting a session that has already ended answers 410."""
     row = _load(p, session_id)
-    if row["state"] not in ("creating", "active"):
-        raise NotFound("session not found")
-    _end(row, p.user_id, "deleted by user")
+    if row["state"] not in ("creating", "active", "deleting"):
+        raise _gone(row)
+    _end(row, p.user_id, "deleted by its owner" if str(row["owner_id"]) == str(p.user_id) else "deleted by an admin")
 
 
 def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True) -> bool:
-    """Kill a live session's tmux session (unless not ``kill``) and record it deleted. False: its host was
-    unreachable."""
+    """Delete a session: ``deleting``, its tmux session killed (unless not ``kill``), ``deleted``. False: its host
+    did not answer, and the session stays ``deleting`` for reconciliation to finish."""
     session_id: UUID = row["id"]
-    reached = True
-    try:
-        if kill:
-            host_client.HostClient(registry.host_url(row["host_id"])).kill_session(session_id)
-    except NotFound:
-        pass  # already gone from tmux
-    except HostUnavailable:
-        # The record still ends; the host kills the orphan when it reconciles.
-        logger.warning("host unreachable on delete; session ended in the database", extra={"host_id": row["host_id"]})
-        reached = False
+    if row["state"] != "deleting" and repo.transition(session_id, "deleting", actor, reason) is None:
+        return True  # ended meanwhile (exited, lost, deleted): nothing left to delete
+    cache.invalidate_session(str(session_id))
+    if not kill or not _kill_quietly(row["host_id"], session_id):
+        return False
     repo.end_session(session_id, actor, "deleted", reason)
     cache.invalidate_session(str(session_id))
-    return reached
+    return True
 
 
 def end_user_sessions(owner_id: UUID, actor: UUID | None, reason: str) -> int:
     """End every live session of a user (their tmux sessions killed; a host that does not answer is not asked
-    again). Returns how many."""
+    again, and reconciliation finishes those). Returns how many."""
     unreachable: set[str] = set()
     ended = 0
     after: Cursor | None = None
@@ -142,6 +244,39 @@ def end_user_sessions(owner_id: UUID, actor: UUID | None, reason: str) -> int:
         if rows:
             after = Cursor(rows[-1]["created_at"], rows[-1]["id"])
     return ended
+
+
+def reconcile(s: Settings | None = None) -> dict[str, int]:
+    """Bring the record back to the truth (run on a schedule): sessions on hosts that stopped heartbeating are
+    lost; a create or a delete left half-done (a crash, a database error, a host that did not answer) is
+    finished: a ``creating`` session older than any create can take is killed on its host and ``failed``; a
+    ``deleting`` one is killed and ``deleted``. Returns counts."""
+    s = s or get_settings()
+    counts = {"lost": 0, "failed": 0, "deleted": 0, "pending": 0}
+    for host in repo.silent_hosts(s.host_dead_after_s):
+        # A stale heartbeat alone is not death: PostgreSQL itself may have been down (no heartbeat could be
+        # written). A host that still answers is left alone; its next heartbeat lands in a moment.
+        if _answers(host["id"]):
+            continue
+        for r in repo.end_sessions_of_dead_host(host["id"], s.host_dead_after_s):
+            counts["lost" if r["state"] == "lost" else "deleted"] += 1
+            cache.invalidate_session(str(r["id"]))
+    # A create takes at most the host's timeout per attempt; after that nothing will activate it.
+    stale_after = s.host_timeout_s * PLACEMENT_ATTEMPTS + 5
+    for r in repo.sessions_in_between(stale_after):
+        if not _kill_quietly(r["host_id"], r["id"]):
+            counts["pending"] += 1  # its host is not answering: next time (or it is declared dead)
+            continue
+        if r["state"] == "creating":
+            done = repo.end_session(r["id"], None, "failed", "its creation did not complete")
+            counts["failed"] += done is not None
+        else:
+            done = repo.end_session(r["id"], None, "deleted", r["end_reason"] or "deleted")
+            counts["deleted"] += done is not None
+        cache.invalidate_session(str(r["id"]))
+    if any(counts.values()):
+        logger.info("sessions reconciled", extra={"status": "ok", **counts})
+    return counts
 
 
 def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
@@ -165,20 +300,29 @@ def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
     if body.keys is not None and body.enter:
         keys.append("Enter")
     row, host = _active(p, session_id)
-    host.send_input(session_id, data=data, keys=keys or None)
-    repo.record_activity(session_id, p.user_id, "session.input",
-                         {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
+    _on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
+    _after(repo.record_activity, session_id, p.user_id, "session.input",
+           {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
+
+
+def _after(write: Callable[..., object], *args: Any) -> None:
+    """A record written after the side effect it records happened (the input was typed, the command ran): if
+    the database fails now, the client is still told the truth -- it happened -- and the miss is logged."""
+    try:
+        write(*args)
+    except AppError as exc:
+        logger.warning("activity not recorded", extra={"error": exc.code, "write": getattr(write, "__name__", "?")})
 
 
 def read_screen(p: Principal, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
-    _, host = _active(p, session_id)
-    return host.screen(session_id, escapes=escapes, history=history)
+    row, host = _active(p, session_id)
+    return _on_host(row, lambda: host.screen(session_id, escapes=escapes, history=history))
 
 
 def resize(p: Principal, session_id: UUID, body: ResizeRequest) -> None:
-    _, host = _active(p, session_id)
-    host.resize(session_id, body.cols, body.rows)
-    repo.resize_session(session_id, p.user_id, body.cols, body.rows)
+    row, host = _active(p, session_id)
+    _on_host(row, lambda: host.resize(session_id, body.cols, body.rows))
+    _after(repo.resize_session, session_id, p.user_id, body.cols, body.rows)
     cache.invalidate_session(str(session_id))
 
 
@@ -188,14 +332,13 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
     if size > s.max_command_bytes:
         raise PayloadTooLarge(f"command is {size} bytes; the limit is {s.max_command_bytes}")
     timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
-    _, host = _active(p, session_id)
-    result = host.exec(session_id, body.command, timeout)
+    row, host = _active(p, session_id)
+    result = _on_host(row, lambda: host.exec(session_id, body.command, timeout))
     # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
     # too; whichever comes first records it.
-    ended = result.session_ended and repo.end_session(session_id, p.user_id, "exited",
-                                                      "the shell exited during an exec") is not None
-    if ended:
+    if result.session_ended:
+        _after(repo.end_session, session_id, p.user_id, "exited", "its shell exited during an exec")
         cache.invalidate_session(str(session_id))
-    repo.record_activity(session_id, p.user_id, "session.exec",
-                         {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
+    _after(repo.record_activity, session_id, p.user_id, "session.exec",
+           {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
     return result

@@ -1,0 +1,1 @@
+"""Scheduled maintenance: the Lambda function EventBridge schedules invoke (``handler.py``)."""
