@@ -69,7 +69,11 @@ def deps() -> Iterator[Deps]:
     url = os.environ.get("TMUXI_TEST_DATABASE_URL")
     if url is None:
         pg = EmbeddedPostgres(base / "pg", password=new_password())
-        url = pg.start()
+        url = pg.start()  # migrated
+    else:
+        from tmuxi.db.migrate import migrate
+
+        migrate(url)  # the pool never migrates: a given database is brought up to date here
     redis = RedisServer(password=new_password())
     redis.start()
     os.environ.update(TEST_ENV)

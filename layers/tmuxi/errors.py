@@ -103,6 +103,15 @@ class HostUnavailable(AppError):
     public_message = "the terminal service is busy or unavailable; retry shortly"
 
 
+class OutcomeUnknown(HostUnavailable):
+    """A request that changes a session (input, exec, resize, a create) reached its host, which did not answer in
+    time: it may have taken effect. Not "retry": look (read the screen, list sessions) before sending it again."""
+
+    code = "outcome_unknown"
+    public_message = ("the request reached the terminal service but no answer came back: it may have taken "
+                      "effect; check the session before you retry")
+
+
 class DependencyUnavailable(AppError):
     status = 503
     code = "dependency_unavailable"

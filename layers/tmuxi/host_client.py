@@ -145,6 +145,10 @@ class HostClient:
                 method, path, json=json, params=params, headers=headers,
                 timeout=timeout_s if timeout_s is not None else self.timeout_s,
             )
+        except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            # sent, no answer: a request that changes something may have taken effect
+            cls = errors.HostUnavailable if method in ("GET", "HEAD") else errors.OutcomeUnknown
+            raise cls(f"tmux host {self.base_url}: no answer to {method} {path} ({type(exc).__name__})") from exc
         except httpx.TimeoutException as exc:
             raise errors.HostUnavailable(f"tmux host {self.base_url} timed out ({method} {path})") from exc
         except httpx.TransportError as exc:

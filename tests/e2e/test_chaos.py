@@ -56,7 +56,8 @@ ALLOWED: dict[int, set[str]] = {
     409: {"session_busy", "session_not_active", "input_backlog"},
     410: {"session_gone"},
     429: {"rate_limited", "quota_exceeded"},
-    503: {"host_unavailable", "dependency_unavailable", "host_full"},
+    # outcome_unknown: an input or exec sent to a host that died before answering
+    503: {"host_unavailable", "dependency_unavailable", "host_full", "outcome_unknown"},
     504: {"gateway_timeout"},  # only once the integration timeout truly elapsed (checked below)
 }
 

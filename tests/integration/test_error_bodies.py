@@ -151,7 +151,12 @@ def test_silent_stopped_or_unknown_host_is_503_without_details(tiny_host: TinyHo
         assert r.status == 503 and r.body["error"]["code"] == "host_unavailable", r
         assert {k.lower(): v for k, v in r.headers.items()}.get("retry-after") == "1", r.headers  # when to retry
         assert_clean(r, tiny_host.host_id, str(silent.getsockname()[1]))
-        assert "timed out" in _logged_with(caplog, over["requestContext"]["requestId"])
+        assert "no answer" in _logged_with(caplog, over["requestContext"]["requestId"])
+        with changed_settings(host_timeout_s=0.3):  # input sent, no answer: it may have been typed
+            typed = invoke("input", ctx, token, body={"text": "x"}, **sid)
+        assert typed.status == 503 and typed.body["error"]["code"] == "outcome_unknown", typed
+        assert "may have taken effect" in typed.body["error"]["message"]
+        assert_clean(typed, tiny_host.host_id, str(silent.getsockname()[1]))
     tiny_host.point_at(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     r = invoke("input", ctx, token, body={"text": "x"}, **sid)
     assert r.status == 503, r

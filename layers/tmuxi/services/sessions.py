@@ -223,7 +223,8 @@ def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True
     cache.invalidate_session(str(session_id))
     if not kill or not _kill_quietly(row["host_id"], session_id):
         return False
-    repo.end_session(session_id, actor, "deleted", reason)
+    # the delete stands once `deleting` is recorded: a failure to write `deleted` now is reconciliation's to finish
+    _after(repo.end_session, session_id, actor, "deleted", reason)
     cache.invalidate_session(str(session_id))
     return True
 
