@@ -36,6 +36,20 @@ class BadRequest(AppError):
     code = "bad_request"
 
 
+class InvalidField(AppError):
+    """A field that passed the request model but not this deployment's settings: the same 422 body as a model's
+    validation error (``fields`` names it)."""
+
+    status = 422
+    code = "validation_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", fields=[{"field": field, "message": message}])
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "fields": self.details["fields"]}}
+
+
 class Unauthorized(AppError):
     status = 401
     code = "unauthorized"

@@ -138,6 +138,14 @@ def test_invalid_session_fields_are_422(stack: Any, user: dict[str, str], sessio
     b = _err(stack.client.post(f"/sessions/{session}/exec", json={"command": "sleep 60", "timeout_s": 60},
                                headers=user), 422, "validation_error")
     assert "body.timeout_s" in b["error"]["message"]
+    # ... and so is one over this deployment's own maximum (TMUXI_EXEC_TIMEOUT_MAX_S), never silently cut
+    from tmuxi.settings import get_settings
+
+    over = get_settings().exec_timeout_max_s + 1
+    b = _err(stack.client.post(f"/sessions/{session}/exec", json={"command": "true", "timeout_s": over},
+                               headers=user), 422, "validation_error")
+    assert b["error"]["fields"] == [{"field": "body.timeout_s", "message": "must be at most 20 (this deployment's "
+                                                                          "TMUXI_EXEC_TIMEOUT_MAX_S)"}], b
 
 
 def test_oversize_input_and_command_are_413(stack: Any, user: dict[str, str], session: str) -> None:

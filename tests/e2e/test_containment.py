@@ -124,7 +124,7 @@ def test_no_secret_in_any_environment_command_line_or_readable_file(stack: Stack
         assert secret.encode() not in seen, f"{name} secret readable in /proc"
         # every file the attacker can read where the stack or the tests keep anything
         hits = a.exec(f"grep -rlsF -f <({split(secret)}) {data_dir} /tmp /var/tmp /dev/shm {ROOT}/.data; true",
-                      timeout_s=25)
+                      timeout_s=20)
         assert not hits["timed_out"] and hits["output"] == "", f"{name} secret readable in {hits['output']}"
     denied = a.exec(f"cat {data_dir}/secrets.json; ls {data_dir}/logs")
     assert "Permission denied" in denied["output"] and denied["exit_code"] != 0
@@ -276,7 +276,7 @@ def test_disk_writers_stop_at_their_caps(stack: StackHandle, pair: tuple[User, U
     # once the exec is over its output has nowhere to go: the writer got SIGPIPE, no file grows anywhere
     wait_for(lambda: "head -c 2G" not in a.exec("ps -u $(id -u) -o args")["output"], timeout=10,
              what="the background writer to end")
-    big = a.exec("head -c 2G /dev/zero > ~/big; echo rc=$?; stat -c %s ~/big; rm -f ~/big", timeout_s=25)
+    big = a.exec("head -c 2G /dev/zero > ~/big; echo rc=$?; stat -c %s ~/big; rm -f ~/big", timeout_s=20)
     lines = big["output"].split()
     assert "rc=153" in lines and int(lines[-1]) == 64 << 20  # SIGXFSZ at TMUXI_USER_MAX_FILE_MB (tests: 64)
     assert b.exec("echo unaffected")["output"] == "unaffected\n"

@@ -15,6 +15,7 @@ from tmuxi.errors import (
     AppError,
     BadRequest,
     HostUnavailable,
+    InvalidField,
     NotFound,
     PayloadTooLarge,
     SessionGone,
@@ -332,6 +333,9 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
     size = len(body.command.encode())
     if size > s.max_command_bytes:
         raise PayloadTooLarge(f"command is {size} bytes; the limit is {s.max_command_bytes}")
+    if body.timeout_s is not None and body.timeout_s > s.exec_timeout_max_s:
+        raise InvalidField("body.timeout_s", f"must be at most {s.exec_timeout_max_s:g} (this deployment's "
+                                             "TMUXI_EXEC_TIMEOUT_MAX_S)")
     timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
     row, host = _active(p, session_id)
     result = _on_host(row, lambda: host.exec(session_id, body.command, timeout))
