@@ -673,6 +673,14 @@ class LocalGateway:
     def _invoke(
         self, auth_event: dict[str, Any] | None, event: dict[str, Any]
     ) -> tuple[str, Any, _Cached | None]:
+        from tmuxi.observability import request_context
+
+        with request_context(event["requestContext"]["requestId"]):  # the gateway's own lines carry it too
+            return self._invoke_handlers(auth_event, event)
+
+    def _invoke_handlers(
+        self, auth_event: dict[str, Any] | None, event: dict[str, Any]
+    ) -> tuple[str, Any, _Cached | None]:
         api, authz = self._handlers()
         decision: _Cached | None = None
         if auth_event is not None:
