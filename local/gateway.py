@@ -388,7 +388,9 @@ class _Cached:
     context: dict[str, Any]
 
 
-_GW = {k: (r.status, r.body_bytes()) for k, r in GATEWAY_RESPONSES.items()}
+# status, body, and the response's configured headers (lower-case names, as ASGI sends them)
+_GW = {k: (r.status, r.body_bytes(), [(n.lower().encode(), v.encode()) for n, v in r.headers.items()])
+       for k, r in GATEWAY_RESPONSES.items()}
 _CLOSE = (b"connection", b"close")
 _RETRY_AFTER = (b"retry-after", str(THROTTLED_RETRY_AFTER_S).encode())
 
@@ -510,9 +512,8 @@ class LocalGateway:
 
     async def _gateway_response(self, send: Any, kind: str, request_id: str,
                                 *extra: tuple[bytes, bytes]) -> None:
-        status, body = _GW[kind]
-        await self._send(send, status, [(b"content-type", b"application/json"),
-                                        (b"x-amzn-errortype", kind.encode()),
+        status, body, configured = _GW[kind]
+        await self._send(send, status, [*configured, (b"x-amzn-errortype", kind.encode()),
                                         (b"x-amzn-requestid", request_id.encode()), *extra], body)
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

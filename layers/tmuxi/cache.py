@@ -277,24 +277,32 @@ def _user_key(user_id: str) -> str:
     return f"user:{user_id}"
 
 
+# An entry is fresh for user_state_ttl_s (``exp``), and kept in Redis this long: past its freshness it is what the
+# caller's state was when PostgreSQL last said, good enough while PostgreSQL cannot be asked (no change to a user
+# can commit then: every change is written to PostgreSQL first).
+USER_STATE_KEEP_S = 3600
+
+
 def _put_user(r: redis.Redis, user_id: str, state: UserState, gen: int, replacing: str | None) -> Any:
     ttl = get_settings().user_state_ttl_s
     key = _user_key(user_id)
     entry = {"epoch": state.epoch, "role": state.role, "disabled": state.disabled, "_g": gen,
              "exp": round(time.time() + ttl, 3)}
-    return r.eval(_PUT_USER, 1, key, _sign(key, json.dumps(entry)), int(ttl) + 1, state.epoch, replacing or "")
+    return r.eval(_PUT_USER, 1, key, _sign(key, json.dumps(entry)), max(int(ttl) + 1, USER_STATE_KEEP_S),
+                  state.epoch, replacing or "")
 
 
-def _read_user(key: str, raw: str | None, gen: int) -> UserState | None:
-    """A user's state from its entry, if the entry is genuine, of this generation and not expired. Each
-    distinct entry is verified once (the same one serves every request of the user until it changes)."""
+def _read_user(key: str, raw: str | None, gen: int) -> tuple[UserState | None, UserState | None]:
+    """(the user's state if its entry is genuine, of this generation and fresh; the same state if it is all that
+    but past its freshness -- for while PostgreSQL cannot be asked). Each distinct entry is verified once (the
+    same one serves every request of the user until it changes)."""
     if raw is None:
-        return None
+        return None, None
     hit = _memo_verified(_user_entries, key, raw, lambda e: (
         UserState(int(e["epoch"]), str(e["role"]), bool(e["disabled"])), int(e["_g"]), float(e["exp"])))
-    if hit is None or hit[1] != gen or hit[2] <= time.time():
-        return None
-    return hit[0]
+    if hit is None or hit[1] != gen:
+        return None, None
+    return (hit[0], None) if hit[2] > time.time() else (None, hit[0])
 
 
 def put_user(user_id: str, state: UserState, gen: int, replacing: str | None = None) -> None:
@@ -331,6 +339,7 @@ class Admission:
     gen: int  # the cache generation, for put_session / put_user
     user: UserState | None = None  # the caller's state, when asked for and cached
     user_entry: str | None = None  # the caller's entry as found (for put_user when it was unusable)
+    user_stale: UserState | None = None  # a genuine entry past its freshness: used only if PostgreSQL is down
 
 
 _INVALIDATE_CHANNEL = "__redis__:invalidate"
@@ -582,7 +591,8 @@ def admit(caller_key: str, jti: str, session_id: str | None, limit: int | None =
     if not user_id:
         return Admission(count, revoked, session, gen)
     user_raw = rest[0]
-    return Admission(count, revoked, session, gen, _read_user(_user_key(user_id), user_raw, gen), user_raw)
+    fresh, stale = _read_user(_user_key(user_id), user_raw, gen)
+    return Admission(count, revoked, session, gen, fresh, user_raw, stale)
 
 
 def token_state(jti: str, user_id: str) -> Admission | _Down:
@@ -595,7 +605,8 @@ def token_state(jti: str, user_id: str) -> Admission | _Down:
     revoked_hit, loaded, gen_raw, user_raw = (None if v is None else str(v) for v in res)
     gen = int(gen_raw or 0)
     revoked = True if revoked_hit is not None else (False if loaded is not None else None)
-    return Admission(0, revoked, None, gen, _read_user(key, user_raw, gen), user_raw)
+    fresh, stale = _read_user(key, user_raw, gen)
+    return Admission(0, revoked, None, gen, fresh, user_raw, stale)
 
 
 # --- rate limits while Redis is down ---------------------------------------------------------------

@@ -187,7 +187,11 @@ GATEWAY_RESPONSES: dict[str, GatewayResponse] = {
         GatewayResponse("REQUEST_TOO_LARGE", 413, "payload_too_large", "request larger than 10 MB"),
         GatewayResponse("THROTTLED", 429, "rate_limited", "too many requests"),
         GatewayResponse("QUOTA_EXCEEDED", 429, "quota_exceeded", "usage plan quota exceeded"),
-        GatewayResponse("AUTHORIZER_FAILURE", 500, "internal_error", "authorizer failed"),
+        # The authorizer fails only when what it reads (PostgreSQL, on a cache miss) cannot be reached: a 503 to
+        # retry, not a 500 (configured as such; API Gateway's default is 500).
+        GatewayResponse("AUTHORIZER_FAILURE", 503, "dependency_unavailable",
+                        "the service is temporarily unavailable; retry shortly",
+                        headers={"Content-Type": "application/json", "Retry-After": "1"}),
         GatewayResponse("AUTHORIZER_CONFIGURATION_ERROR", 500, "internal_error", "authorizer failed"),
         GatewayResponse("INTEGRATION_FAILURE", 502, "bad_gateway", "the API function failed"),
         GatewayResponse("INTEGRATION_TIMEOUT", 504, "gateway_timeout", "the API function timed out"),

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_timeout_s: float = Field(0.25, gt=0)
     redis_retry_after_s: float = Field(1.0, ge=0)
-    cache_ttl_s: int = Field(30, ge=1)
+    # session entries are invalidated on every change (and by the generation after a missed one): the TTL only
+    # bounds Redis memory, and is what cached reads have while PostgreSQL is down
+    cache_ttl_s: int = Field(600, ge=1)
 
     # --- Auth (RFC 8725: one pinned algorithm; exp, aud, iss always checked)
     jwt_secret: SecretStr | None = None

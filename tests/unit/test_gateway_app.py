@@ -110,8 +110,9 @@ async def test_public_route_skips_the_authorizer(fake: Any) -> None:
         (lambda e: (_ for _ in ()).throw(Exception("Unauthorized")), 401, "unauthorized"),
         (lambda e: {**allow(e), "policyDocument": {"Version": "2012-10-17", "Statement": [
             {"Action": "execute-api:Invoke", "Effect": "Deny", "Resource": ALLOW_ALL}]}}, 403, "forbidden"),
-        (lambda e: (_ for _ in ()).throw(RuntimeError("boom")), 500, "internal_error"),
-        (lambda e: {"principalId": "x"}, 500, "internal_error"),
+        # an authorizer that raises (what it reads is unreachable): retry, configured as 503 with Retry-After
+        (lambda e: (_ for _ in ()).throw(RuntimeError("boom")), 503, "dependency_unavailable"),
+        (lambda e: {"principalId": "x"}, 500, "internal_error"),  # a malformed answer: a configuration error
     ],
 )
 async def test_authorizer_outcomes(authorizer: Any, status: int, code: str) -> None:
@@ -123,6 +124,7 @@ async def test_authorizer_outcomes(authorizer: Any, status: int, code: str) -> N
     finally:
         gw.close()
     assert r.status_code == status and r.json()["error"]["code"] == code
+    assert (r.headers.get("retry-after") == "1") == (status == 503)
     assert not api.events
 
 

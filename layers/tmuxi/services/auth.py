@@ -8,7 +8,7 @@ from uuid import UUID
 
 from tmuxi import auth, cache
 from tmuxi.db import repo
-from tmuxi.errors import RateLimited, Unauthorized
+from tmuxi.errors import DependencyUnavailable, RateLimited, Unauthorized
 from tmuxi.models import Principal, TokenRequest, TokenResponse, ValidateResponse
 from tmuxi.observability import AUTH_FAILURES
 from tmuxi.services import throttle
@@ -67,7 +67,12 @@ def _user_state(user_id: UUID, adm: cache.Admission | None) -> cache.UserState:
         hit = _local_users.get(user_id)
         if hit is not None and hit[0] > now:
             return hit[1]
-    row = repo.get_user_state(user_id)
+    try:
+        row = repo.get_user_state(user_id)
+    except DependencyUnavailable:
+        if adm is not None and adm.user_stale is not None:
+            return adm.user_stale  # PostgreSQL down: no change to the user can have committed since
+        raise
     state = (cache.UserState(int(row["token_epoch"]), str(row["role"]), bool(row["disabled"]))
              if row is not None else cache.UNKNOWN_USER)
     if adm is not None:
