@@ -132,6 +132,7 @@ class Engine:
         self.servers: dict[int, UserServer] = {}
         self.extra_sessions: dict[int, int] = {}  # account -> tmux sessions its user made from a shell
         self._sessions: dict[UUID, SessionRec] = {}
+        self._by_account: dict[int, set[UUID]] = {}  # the same sessions by account (a server's refresh reads its own)
         self._creating: dict[UUID, int] = {}
         # sessions that ended here: (state, reason); those not yet written to the record are in _unreported
         self._gone: dict[UUID, tuple[str, str]] = {}
@@ -245,7 +246,7 @@ class Engine:
         if server.restarted:
             server.restarted = False
             acct = server.account.number
-            for rec in [r for r in self._sessions.values() if r.account == acct]:
+            for rec in [self._sessions[sid] for sid in self._by_account.get(acct, ())]:
                 self._ended(rec, "lost", "its tmux server died")
 
     async def _on_reconnect(self, server: UserServer) -> None:
@@ -298,7 +299,7 @@ class Engine:
             server = self.servers[acct]
             for sid, (tmux_id, pane, pid) in listing.sessions.items():
                 if adopt.get(sid) == acct:
-                    self._sessions[sid] = SessionRec(sid, acct, "t" + sid.hex, tmux_id, pane, pid)
+                    self._add(SessionRec(sid, acct, "t" + sid.hex, tmux_id, pane, pid))
                 elif reconciled:
                     logger.info("killing a tmux session the registry does not confirm", extra={"session_id": str(sid)})
                     with contextlib.suppress(Exception):
@@ -368,7 +369,7 @@ class Engine:
             elif sid not in self._creating:
                 extra += 1
         self.extra_sessions[acct] = extra
-        for sid in [s for s, r in self._sessions.items() if r.account == acct and s not in listing.sessions]:
+        for sid in [s for s in self._by_account.get(acct, ()) if s not in listing.sessions]:
             if sid in self._creating or self._changed_at.get(sid, -1) > seq:
                 continue  # created or killed while this listing was in flight
             self._ended(self._sessions[sid], "exited", "its shell exited")
@@ -394,11 +395,17 @@ class Engine:
         self._spawn(run(), f"refresh-{server.account.name}")
 
     async def _refresh_loop(self) -> None:
+        """A safety net behind tmux's own notifications: every server re-read once per heartbeat interval, spread
+        over it (a hundred servers at once held the event loop for tens of milliseconds)."""
         while not self._stopping:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            for server in list(self.servers.values()):
-                if not server.refreshing:
+            servers = list(self.servers.values())
+            gap = self.settings.heartbeat_interval_s / max(1, len(servers))
+            for server in servers:
+                await asyncio.sleep(gap)
+                if not server.refreshing and not server.stopping:
                     self._spawn(self._refresh_server(server), f"refresh-{server.account.name}")
+            if not servers:
+                await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     def _ended(self, rec: SessionRec, state: str, reason: str) -> None:
         """A session ended here on its own (``exited``: its shell exited; ``lost``: its server died): forget it,
@@ -496,15 +503,24 @@ class Engine:
             for old in list(self._changed_at)[:2048]:
                 del self._changed_at[old]
 
+    def _add(self, rec: SessionRec) -> None:
+        self._sessions[rec.session_id] = rec
+        self._by_account.setdefault(rec.account, set()).add(rec.session_id)
+
     def _drop(self, rec: SessionRec, reason: str) -> None:
         if self._sessions.get(rec.session_id) is rec:
             del self._sessions[rec.session_id]
+            held = self._by_account.get(rec.account)
+            if held is not None:
+                held.discard(rec.session_id)
+                if not held:
+                    del self._by_account[rec.account]
             self._mark_changed(rec.session_id)
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
 
     def _in_use(self, account: int) -> bool:
-        return any(r.account == account for r in self._sessions.values()) or account in self._creating.values()
+        return bool(self._by_account.get(account)) or account in self._creating.values()
 
     async def _stop_if_unused(self, account: int) -> None:
         if account not in self.servers or self._in_use(account):
@@ -595,7 +611,7 @@ class Engine:
             if parts is None or len(parts) != 4 or not parts[3].isdigit():
                 raise errors.AppError("unexpected reply from tmux new-session")
             rec = SessionRec(session_id, account, name, parts[0][1:], parts[2], int(parts[3]))
-            self._sessions[session_id] = rec
+            self._add(rec)
             self._mark_changed(session_id)
         finally:
             self._creating.pop(session_id, None)

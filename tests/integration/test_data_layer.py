@@ -454,3 +454,41 @@ def test_list_last_page_costs_what_the_first_does(many_sessions: tuple[uuid.UUID
     best_of(None)  # warm the pool and the plan cache
     first, late = best_of(None), best_of(near_end)
     assert late < first * 3 + 0.002, (first, late)  # an offset would read 2,350 rows to skip them: ~20x
+
+
+def test_placement_reads_each_live_hosts_own_sessions_not_the_table(deps: Deps) -> None:
+    """Placement counts a host's sessions on the (host_id, state) index: with 2,000 live and 20,000 ended
+    sessions, the plan reads the live ones of the live hosts and nothing else (no sequential scan)."""
+    from tmuxi.db.pool import connection
+
+    tag = uuid.uuid4().hex[:6]
+    live_host, dead_host = f"pl-{tag}", f"pd-{tag}"
+    _host(live_host, 100000)
+    _host(dead_host, 100000, age_s=3600)
+    owner = _user()
+    with connection() as conn:
+        conn.execute(
+            "INSERT INTO sessions (id, owner_id, state, host_id, tmux_name, cols, rows)"
+            " SELECT gen_random_uuid(), %(o)s, CASE WHEN i < %(live)s THEN 'active' ELSE 'deleted' END,"
+            "  CASE WHEN i %% 2 = 0 THEN %(a)s ELSE %(b)s END, 'tpl', 80, 24 FROM generate_series(0, %(n)s - 1) i",
+            {"o": owner, "live": 2000, "n": 22000, "a": live_host, "b": dead_host},
+        )
+        conn.execute("ANALYZE sessions")
+        try:
+            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + repo.PLACEMENT_SQL,
+                                (30, [h for h in _all_host_ids(conn) if h != live_host])).fetchone()
+            assert plan is not None
+            nodes = list(_plan_nodes(plan["QUERY PLAN"][0]["Plan"]))
+            on_sessions = [n for n in nodes if n.get("Relation Name") == "sessions"]
+            assert on_sessions and all(n["Node Type"] in ("Index Only Scan", "Index Scan", "Bitmap Heap Scan")
+                                       for n in on_sessions), [n["Node Type"] for n in on_sessions]
+            read = sum(n["Actual Rows"] * n.get("Actual Loops", 1) for n in on_sessions)
+            assert read <= 1000 + 10, read  # the live host's 1,000 live sessions, not 22,000 rows
+            row = conn.execute(repo.PLACEMENT_SQL, (30, [])).fetchone()
+            assert row is not None and row["id"] == live_host and row["free"] == 100000 - 1000
+        finally:
+            conn.execute("DELETE FROM sessions WHERE owner_id = %s", (owner,))
+
+
+def _all_host_ids(conn: Any) -> list[str]:
+    return [r["id"] for r in conn.execute("SELECT id FROM hosts").fetchall()]

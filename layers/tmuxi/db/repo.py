@@ -175,17 +175,21 @@ def reserve_session(owner_id: UUID, name: str | None, cols: int, rows: int, quot
     return out
 
 
+# Each live host's free capacity, counted per host on the (host_id, state) index (migration 0001): the holding
+# states are written out so each is one index range; the work is the host's own live sessions, not the table's.
+PLACEMENT_SQL = (
+    "SELECT h.id, h.url, h.capacity - (SELECT count(*) FROM sessions s WHERE s.host_id = h.id"
+    "  AND s.state IN (" + ", ".join(f"'{st}'" for st in HOLDING_STATES) + ")) AS free FROM hosts h"
+    " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
+    " AND (h.unreachable_at IS NULL OR h.unreachable_at < h.last_heartbeat) AND NOT h.id = ANY(%s)"
+    " ORDER BY free DESC, h.id LIMIT 1"
+)
+
+
 def _pick_host(conn: psycopg.Connection[Any], dead_after_s: float, exclude: tuple[str, ...] | list[str]) -> Row:
     """The live host with the most free capacity: heartbeating, not found unreachable since its last heartbeat,
     not in ``exclude``."""
-    host = conn.execute(
-        "SELECT h.id, h.url, h.capacity - count(s.id) AS free FROM hosts h"
-        " LEFT JOIN sessions s ON s.host_id = h.id AND s.state = ANY(%s)"
-        " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
-        " AND (h.unreachable_at IS NULL OR h.unreachable_at < h.last_heartbeat) AND NOT h.id = ANY(%s)"
-        " GROUP BY h.id ORDER BY free DESC, h.id LIMIT 1",
-        (list(HOLDING_STATES), dead_after_s, list(exclude)),
-    ).fetchone()
+    host = conn.execute(PLACEMENT_SQL, (dead_after_s, list(exclude))).fetchone()
     if host is None or int(host["free"]) <= 0:
         raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
     return dict(host)
