@@ -53,7 +53,7 @@ def _host(host_id: str, capacity: int, age_s: float = 0) -> None:
 
 
 def test_migrations_are_versioned_and_idempotent(deps: Deps) -> None:
-    repo.live_hosts(1)  # the pool answers (the schema was migrated by the deps fixture)
+    repo.host_counts(1, 1)  # the pool answers (the schema was migrated by the deps fixture)
     assert migrate(deps.database_url) == []
     from tmuxi.db.pool import connection
 

@@ -399,7 +399,7 @@ def test_the_pool_is_sized_for_one_request_at_a_time(db: OwnPostgres) -> None:
     p = pool.get_pool()
     assert p.get_stats()["pool_size"] == 0
     for _ in range(20):
-        repo.live_hosts(60)
+        repo.host_counts(60, 600)
     assert p.get_stats()["pool_size"] == 1
     assert (p.min_size, p.max_size) == (0, 2)
 
@@ -433,13 +433,13 @@ def test_the_pool_never_migrates_and_names_the_fix_while_the_schema_is_behind(db
         _use_database(url)
         try:
             with pytest.raises(SchemaBehind) as exc:
-                repo.live_hosts(60)
+                repo.host_counts(60, 600)
             assert f"version 0, this code needs {latest_version()}" in exc.value.message
             assert "python -m tmuxi.db.migrate" in exc.value.message and exc.value.status == 503
             with psycopg.connect(url) as conn:  # nothing was created
                 assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
             assert migrate(url)[-1] == latest_version()
-            assert repo.live_hosts(60) == []  # checked again, and now current: no restart needed
+            assert repo.host_counts(60, 600) == (0, 0)  # checked again, and now current: no restart needed
         finally:
             _use_database(db.url)
 

@@ -449,15 +449,6 @@ def host_counts(dead_after_s: float, forget_after_s: float) -> tuple[int, int]:
     return (int(row["live"]), int(row["dead"])) if row else (0, 0)
 
 
-def live_hosts(dead_after_s: float) -> list[Row]:
-    with connection() as conn:
-        return conn.execute(
-            "SELECT id, url, capacity, active_sessions, last_heartbeat FROM hosts"
-            " WHERE last_heartbeat > now() - make_interval(secs => %s) ORDER BY id",
-            (dead_after_s,),
-        ).fetchall()
-
-
 # --- token revocation ------------------------------------------------------------------------------
 def revoke_token(jti: str, user_id: UUID, expires_at: datetime) -> None:
     with connection() as conn, conn.transaction():
