@@ -264,3 +264,17 @@ def test_reconcile_runs_as_a_scheduled_lambda(stack: StackHandle) -> None:
         assert "{'task': 'reconcile'}" in str(exc)
     else:
         raise AssertionError("an unknown task must fail")
+
+
+def test_a_delete_that_finds_its_session_already_ended_says_so(stack: StackHandle) -> None:
+    """A session that ends on its own (here: declared lost) just before a DELETE is recorded -- while the
+    caller's view of it was still `active` -- is not answered 204 as if this delete had ended it: 410 saying how it
+    ended, and the record keeps that."""
+    _, h = stack.new_user()
+    sid = _create(stack, h)["id"]
+    assert _get(stack, h, sid)["state"] == "active"  # cached as active
+    # ended by another request meanwhile: written, not yet announced to the cache
+    assert repo.end_session(uuid.UUID(sid), None, "lost", "its tmux host stopped answering") is not None
+    r = stack.client.delete(f"/sessions/{sid}", headers=h)
+    assert r.status_code == 410 and r.json()["error"]["details"]["state"] == "lost", r.text
+    assert _get(stack, h, sid)["state"] == "lost"

@@ -208,19 +208,26 @@ def get_session(p: Principal, session_id: UUID) -> Session:
 def delete_session(p: Principal, session_id: UUID) -> None:
     """A delete is recorded first (``deleting``: it wins over a create in flight), then the tmux session is
     killed and the session is ``deleted``. If its host does not answer, the delete stands and reconciliation
-    finishes it. Deleting a session that has already ended answers 410."""
+    finishes it. A session that has already ended -- or ends on its own before the delete is recorded (its host
+    died, its shell exited) -- answers 410 saying how."""
     row = _load(p, session_id)
     if row["state"] not in ("creating", "active", "deleting"):
         raise _gone(row)
-    _end(row, p.user_id, "deleted by its owner" if str(row["owner_id"]) == str(p.user_id) else "deleted by an admin")
+    reason = "deleted by its owner" if str(row["owner_id"]) == str(p.user_id) else "deleted by an admin"
+    if _end(row, p.user_id, reason) is None:
+        current = repo.get_session(session_id) or row
+        if current["state"] not in ("deleting", "deleted"):  # another delete got there first: that is this one
+            raise _gone(current)
 
 
-def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True) -> bool:
+def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True) -> bool | None:
     """Delete a session: ``deleting``, its tmux session killed (unless not ``kill``), ``deleted``. False: its host
-    did not answer, and the session stays ``deleting`` for reconciliation to finish."""
+    did not answer, and the session stays ``deleting`` for reconciliation to finish. None: it was no longer live
+    (it ended meanwhile, or another delete recorded it)."""
     session_id: UUID = row["id"]
     if row["state"] != "deleting" and repo.transition(session_id, "deleting", actor, reason) is None:
-        return True  # ended meanwhile (exited, lost, deleted): nothing left to delete
+        cache.invalidate_session(str(session_id))
+        return None
     cache.invalidate_session(str(session_id))
     if not kill or not _kill_quietly(row["host_id"], session_id):
         return False
@@ -240,7 +247,7 @@ def end_user_sessions(owner_id: UUID, actor: UUID | None, reason: str) -> int:
     while more:  # page by page: every live session, however many
         rows, more = repo.list_sessions(owner_id, "live", MAX_PAGE, after)
         for row in rows:
-            if not _end(row, actor, reason, kill=row["host_id"] not in unreachable):
+            if _end(row, actor, reason, kill=row["host_id"] not in unreachable) is False:
                 unreachable.add(row["host_id"])
         ended += len(rows)
         if rows:
