@@ -146,3 +146,16 @@ SESSIONS_CLEANED = Counter("tmux_session_cleanup_rate", "Sessions ended", ["host
 ERRORS = Counter("tmux_errors", "Errors", ["component", "kind"], registry=REGISTRY)
 TIMEOUTS = Counter("tmux_timeouts", "Timeouts", ["component", "operation"], registry=REGISTRY)
 AUTH_FAILURES = Counter("tmux_authentication_failures", "Rejected tokens or logins", ["reason"], registry=REGISTRY)
+# WebSocket (the guide's tmux_websocket_*): "component" is "host" (output senders, input) or "gateway" (the local
+# gateway's WebSocket side and @connections).
+WS_CONNECTIONS = Gauge("tmux_websocket_connections", "Open WebSocket connections (gateway) or attached viewers (host)",
+                       ["component"], registry=REGISTRY)
+WS_SENT = Counter("tmux_websocket_messages_sent", "WebSocket messages sent to clients", ["component"],
+                  registry=REGISTRY)
+WS_RECEIVED = Counter("tmux_websocket_messages_received", "WebSocket messages received from clients",
+                      ["component"], registry=REGISTRY)
+WS_ERRORS = Counter("tmux_websocket_connection_errors", "WebSocket errors", ["component", "kind"], registry=REGISTRY)
+WS_LATENCY = Histogram("tmux_websocket_latency_seconds", "WebSocket operation latency", ["component", "operation"],
+                       buckets=_BUCKETS, registry=REGISTRY)
+WS_BYTES = Counter("tmux_websocket_bytes_sent", "Terminal output bytes delivered to viewers", ["component"],
+                   registry=REGISTRY)

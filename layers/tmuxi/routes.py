@@ -58,6 +58,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/sessions/{id}/screen", True, "read_screen", work="slow"),
     Route("POST", "/sessions/{id}/resize", True, "resize", work="slow"),
     Route("POST", "/sessions/{id}/exec", True, "exec_command", work="long"),
+    # live terminals (docs/websocket.md): connect tickets, read-only shares, recordings
+    Route("POST", "/ws/tickets", True, "mint_ws_ticket"),
+    Route("POST", "/ws/share-tickets", False, "redeem_share"),  # the share token is in the body, never the URL
+    Route("POST", "/sessions/{id}/shares", True, "create_share"),
+    Route("GET", "/sessions/{id}/shares", True, "list_shares"),
+    Route("DELETE", "/sessions/{id}/shares/{share_id}", True, "revoke_share", work="slow"),  # detaches viewers
+    Route("GET", "/sessions/{id}/recordings", True, "list_recordings", work="slow"),  # S3
+    Route("GET", "/sessions/{id}/recordings/{name}", True, "get_recording", work="slow"),
     # users (admins only)
     Route("POST", "/users/{username}/disable", True, "disable_user"),
     Route("POST", "/users/{username}/enable", True, "enable_user"),
@@ -148,6 +156,49 @@ class RouteTable:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter([*self._static.values(), *(r for c in self._dynamic.values() for _, r in c)])
+
+
+# --- WebSocket API ----------------------------------------------------------------------------------------
+# API Gateway routes a WebSocket message on ``$request.body.action``. Control routes run the ws function
+# (``functions/ws``); everything else (``$default``: input, resize, ping, and whatever a client sends that is
+# not JSON or names no known route) goes straight to the tmux hosts over an HTTP integration (in AWS: a VPC link
+# to the hosts' NLB), so a keystroke never pays a function invocation.
+
+
+@dataclass(frozen=True, slots=True)
+class WsRoute:
+    key: str  # route key: "$connect", "$disconnect", "$default" or an action
+    target: str  # "function" (the ws Lambda) or "host" (HTTP integration to a tmux host)
+
+
+WS_ROUTE_SELECTION = "$request.body.action"
+WS_ROUTES: tuple[WsRoute, ...] = (
+    WsRoute("$connect", "function"),
+    WsRoute("$disconnect", "function"),
+    WsRoute("attach", "function"),
+    WsRoute("detach", "function"),
+    WsRoute("$default", "host"),
+)
+WS_HOST_MESSAGE_PATH = "/v1/ws/message"  # where a host takes `$default` messages
+WS_CONNECTION_HEADER = "X-Tmuxi-Connection-Id"  # integration request header: context.connectionId
+# API Gateway WebSocket limits (the local gateway enforces them too)
+WS_MAX_FRAME_BYTES = 32 * 1024
+WS_MAX_MESSAGE_BYTES = 128 * 1024
+WS_IDLE_TIMEOUT_S = 600.0
+WS_MAX_CONNECTION_S = 7200.0
+
+
+def ws_route_key(body: str | bytes) -> str:
+    """The route a message takes, as API Gateway selects it from ``$request.body.action``: a JSON object whose
+    ``action`` names a route, else ``$default``."""
+    try:
+        msg = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "$default"
+    action = msg.get("action") if isinstance(msg, dict) else None
+    if isinstance(action, str) and not action.startswith("$") and any(r.key == action for r in WS_ROUTES):
+        return action
+    return "$default"
 
 
 # --- gateway responses ------------------------------------------------------------------------------------

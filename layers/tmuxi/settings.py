@@ -129,6 +129,38 @@ class Settings(BaseSettings):
     default_cols: int = Field(120, ge=10, le=1000)
     default_rows: int = Field(40, ge=5, le=500)
 
+    # --- Live terminals over WebSocket (docs/websocket.md)
+    # A connect ticket (POST /ws/tickets) is single-use and expires this soon: it only has to survive the moment
+    # between minting it and opening the WebSocket.
+    ws_ticket_ttl_s: int = Field(30, ge=5, le=300)
+    # Read-only share links (POST /sessions/{id}/shares): the longest expiry an owner may give one.
+    ws_share_max_ttl_s: int = Field(7 * 86400, ge=60)
+    # Where hosts post output (the API Gateway Management API: https://{api-id}.execute-api.{region}.amazonaws.com/
+    # {stage}; the local stack: its gateway's URL). None: no live output is delivered.
+    ws_management_endpoint: str | None = None
+    aws_region: str = "us-east-1"
+    # Per session, the host keeps this much of its recent output for viewers who fall behind or reconnect; older
+    # bytes are replaced by a fresh screen (a "gap").
+    stream_buffer_bytes: int = Field(1 << 20, ge=64 * 1024, le=64 << 20)
+    # tmux pauses a pane whose output the host has not read for this long (refresh-client -f pause-after); the
+    # viewers are re-synchronised with a fresh screen when it continues.
+    stream_pause_after_s: int = Field(5, ge=1, le=300)
+    # The largest output frame (API Gateway WebSocket frames are at most 32 KB; JSON + base64 of 24,000 bytes
+    # fits).
+    ws_frame_data_bytes: int = Field(24_000, ge=1024, le=24_000)
+    # Concurrent post_to_connection calls from one host (each is a blocking boto3 call in a thread).
+    ws_post_threads: int = Field(16, ge=1, le=256)
+    # Local gateway only (it emulates API Gateway's `$default` HTTP integration over a VPC link to the hosts' NLB):
+    # the hosts' URLs, comma-separated, taken in turn as an NLB spreads requests.
+    gateway_ws_targets: str | None = None
+
+    # --- Recordings: every session's output as asciicast v2
+    # "s3://bucket/prefix" or a local directory (default <data_dir>/recordings).
+    recordings_url: str | None = None
+    s3_endpoint_url: str | None = None  # tests: a moto server
+    # One recording (one session on one host run) stops growing past this; a marker says so.
+    recording_max_bytes: int = Field(64 << 20, ge=1 << 20)
+
     # --- Containment of users' shells (README "Security model")
     # auto: each user's shells run as an OS account of their own whenever the host can switch users (root, or
     # CAP_SETUID + CAP_SETGID), else everything runs as the host's own user, with a loud warning (development
@@ -150,6 +182,9 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8080, ge=0, le=65535)
     # Worker processes of the local gateway, like concurrent Lambda execution environments (0: one per core).
     gateway_workers: int = Field(0, ge=0, le=64)
+    # The local WebSocket API (one process: it holds the connections and serves @connections, as API Gateway's
+    # WebSocket API is an endpoint of its own)
+    gateway_ws_port: int = Field(8081, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
@@ -201,6 +236,10 @@ class Settings(BaseSettings):
     @property
     def advertised_host_url(self) -> str:
         return self.host_url or f"http://{self.host_bind}:{self.host_port}"
+
+    @property
+    def resolved_recordings_url(self) -> str:
+        return self.recordings_url or str((self.data_dir / "recordings").absolute())
 
     @property
     def isolation_required(self) -> bool:
