@@ -30,10 +30,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tmux_host.engine import Engine, Registry
+from tmux_host.stream import FORWARDED_HEADER
 from tmuxi import errors
 from tmuxi.host_client import REQUEST_ID_HEADER, SECRET_HEADER
 from tmuxi.models import KEY_NAME, ExecRequest, ResizeRequest
 from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger, request_context
+from tmuxi.routes import WS_CONNECTION_HEADER, WS_HOST_MESSAGE_PATH, WS_MAX_MESSAGE_BYTES
 from tmuxi.settings import Settings, get_settings
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -51,12 +53,22 @@ class CreateSessionBody(_Body):
     rows: int = Field(ge=5, le=500)
 
 
+class AttachViewerBody(_Body):
+    connection_id: str = Field(pattern=r"^[A-Za-z0-9_=+/-]{1,128}\z")
+    read_only: bool = False
+    stream: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,32}\z")
+    last_seq: int | None = Field(default=None, ge=0)
+    share_id: UUID | None = None
+    expires_at: float | None = None
+
+
 class InputBody(_Body):
     data_b64: str | None = None
     keys: list[str] | None = Field(default=None, max_length=256)
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CONNECTION_ID = re.compile(r"[A-Za-z0-9_=+/-]{1,128}")
 
 
 def request_id_of(given: str | None) -> tuple[str, bool]:
@@ -210,6 +222,36 @@ async def exec_(request: Request) -> Response:
     return JSONResponse(result.model_dump())
 
 
+async def attach_viewer(request: Request) -> Response:
+    session_id = sid(request)
+    body = await read_json(request, AttachViewerBody)
+    out = await _engine(request).live.attach(
+        session_id, body.connection_id, read_only=body.read_only, stream_id=body.stream, last_seq=body.last_seq,
+        share_id=body.share_id, expires_at=body.expires_at)
+    return JSONResponse(out)
+
+
+async def detach_viewer(request: Request) -> Response:
+    reason = request.query_params.get("reason", "detached")[:200]
+    notify = request.query_params.get("notify", "1") != "0"
+    _engine(request).live.detach(request.path_params["cid"], reason, notify=notify)
+    return Response(status_code=204)
+
+
+async def ws_message(request: Request) -> Response:
+    """A WebSocket message API Gateway routed to `$default` (or another host forwarded): the answer goes back
+    through the Management API, never in this response (API Gateway's $default integration has no route
+    response)."""
+    connection_id = request.headers.get(WS_CONNECTION_HEADER, "")
+    if not _CONNECTION_ID.fullmatch(connection_id):
+        raise errors.BadRequest(f"missing or malformed {WS_CONNECTION_HEADER} header")
+    body = await request.body()
+    if len(body) > WS_MAX_MESSAGE_BYTES:
+        raise errors.PayloadTooLarge(f"message is over {WS_MAX_MESSAGE_BYTES} bytes")
+    await _engine(request).live.message(connection_id, body, forwarded=request.headers.get(FORWARDED_HEADER) == "1")
+    return Response(status_code=202)
+
+
 async def health(request: Request) -> Response:
     h = _engine(request).health()
     return JSONResponse(h, status_code=503 if h["status"] == "down" else 200)
@@ -236,6 +278,9 @@ ROUTES = [
     Route(S + "/screen", endpoint(S + "/screen", screen), methods=["GET"]),
     Route(S + "/resize", endpoint(S + "/resize", resize), methods=["POST"]),
     Route(S + "/exec", endpoint(S + "/exec", exec_), methods=["POST"]),
+    Route(S + "/viewers", endpoint(S + "/viewers", attach_viewer), methods=["POST"]),
+    Route("/v1/viewers/{cid:path}", endpoint("/v1/viewers/{cid}", detach_viewer), methods=["DELETE"]),
+    Route(WS_HOST_MESSAGE_PATH, endpoint(WS_HOST_MESSAGE_PATH, ws_message), methods=["POST"]),
     Route("/health", endpoint("/health", health, auth=False), methods=["GET"]),
     Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),
 ]

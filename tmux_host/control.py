@@ -3,8 +3,14 @@
 One persistent ``tmux -S <sock> -f /dev/null -C new-session -A -s _ctl ...`` subprocess per tmux server.
 Commands are written one per line; tmux answers each with a ``%begin <time> <num> <flags>`` ...
 ``%end|%error <time> <num> <flags>`` block, in order, so a FIFO of futures matches replies to commands.
-Notifications (``%window-add``, ``%sessions-changed``, ``%output`` ...) arrive between blocks; they are
-parsed and handed to an optional callback (the seam for output streaming), never mistaken for replies.
+Notifications (``%window-add``, ``%sessions-changed`` ...) arrive between blocks; they are parsed and handed
+to an optional callback, never mistaken for replies. Pane output (``%output`` / ``%extended-output``) goes to
+``on_output`` as raw bytes, unescaped but never decoded: UTF-8 may split across lines, and the bytes are what
+viewers and recordings get.
+
+Two kinds of client per tmux server (``server.UserServer``): the command client, attached to the hidden
+``_ctl`` session with ``no-output``, and the output client, attached to ``_out`` (into which each session's
+window is linked, so that its panes' output reaches this client) with ``pause-after``.
 
 Security: tmux does NOT escape pane content inside a reply block, so anything user-controlled printed in a
 reply could forge a ``%end`` line. Callers must never transport user text through this channel (screen
@@ -15,6 +21,7 @@ those of its ``%begin``.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import pwd
@@ -31,6 +38,7 @@ from tmuxi.errors import HostUnavailable
 from tmuxi.observability import logger
 
 CTL_SESSION = "_ctl"
+OUT_SESSION = "_out"
 MAX_COMMAND_LINE = 16 * 1024
 # What the host keeps of one tmux server's output before it gives up on the connection: a line this long, or
 # this much unsent to a server that does not read its commands, means the server (its user's) is hostile or
@@ -39,6 +47,7 @@ MAX_LINE = 1 << 20
 MAX_UNSENT = 1 << 20
 
 NotificationCallback = Callable[[str, str], None]
+OutputCallback = Callable[[str, bytes], None]  # (pane id "%N", raw bytes)
 
 
 class ControlClosed(HostUnavailable):
@@ -154,6 +163,9 @@ class ControlClient:
         wrap: Callable[[list[str]], list[str]] | None = None,
         spawn_kwargs: dict[str, Any] | None = None,
         on_spawned: Callable[[int], None] | None = None,
+        session: str = CTL_SESSION,
+        flags: str = "no-output",
+        on_output: OutputCallback | None = None,
     ) -> None:
         """``wrap``/``spawn_kwargs``/``on_spawned``: how to start tmux as a user's account (``accounts.Isolation``):
         the wrapped command waits for one line on stdin, sent once ``on_spawned(pid)`` has confined it."""
@@ -165,6 +177,9 @@ class ControlClient:
         self.spawn_kwargs = spawn_kwargs or {"start_new_session": True}
         self.on_spawned = on_spawned
         self.on_notification = on_notification
+        self.session = session
+        self.flags = flags
+        self.on_output = on_output
         self.start_timeout_s = start_timeout_s
         self.command_timeout_s = command_timeout_s
         self.spin_s = spin_s
@@ -174,7 +189,7 @@ class ControlClient:
         self._protocol: _Protocol | None = None
         self._buf = bytearray()
         self._block: _Block | None = None
-        self._pending: deque[tuple[asyncio.Future[list[str]], str]] = deque()
+        self._pending: deque[tuple[asyncio.Future[list[str]], str, Callable[[], None] | None]] = deque()
         self._startup: asyncio.Future[list[str]] | None = None
         self._closed: asyncio.Event | None = None
         self._closed_reason: str | None = "not started"
@@ -204,7 +219,7 @@ class ControlClient:
         self._closed_reason = None
         env = self.env or clean_env(self.shell)
         argv = [tmux_binary(), "-S", self.socket_path, "-f", "/dev/null", "-C",
-                "new-session", "-A", "-s", CTL_SESSION, "-x", "80", "-y", "24", "exec sleep 2147483647"]
+                "new-session", "-A", "-s", self.session, "-x", "80", "-y", "24", "exec sleep 2147483647"]
         if self.wrap is not None:
             argv = self.wrap(argv)
         kwargs = {"cwd": self.cwd or env["HOME"], **self.spawn_kwargs}
@@ -240,10 +255,9 @@ class ControlClient:
                 self._stdin.write(b"\n")
             # The first block is the reply to the startup command itself (flags 0): consume it.
             await asyncio.wait_for(asyncio.shield(self._startup), self.start_timeout_s)
-            # This client only drives commands; it must not receive pane output (it is attached to the
-            # hidden _ctl session only). Output streaming will use its own subscription (later issue):
-            # notifications, including %output, already reach `on_notification`.
-            await self.command("refresh-client -f no-output")
+            # The command client must not receive pane output ("no-output"); the output client asks tmux to
+            # pause a pane it falls behind on instead of buffering without bound ("pause-after=N").
+            await self.command(f"refresh-client -f {self.flags}")
         except (TimeoutError, ControlClosed, TmuxCommandError, OSError) as exc:
             await self.close()
             raise ControlClosed(f"tmux control client for {self.socket_path} failed to start: {exc}") from exc
@@ -304,9 +318,11 @@ class ControlClient:
             await self._closed.wait()
 
     # --- commands ----------------------------------------------------------------------------------
-    def submit(self, line: str) -> asyncio.Future[list[str]]:
+    def submit(self, line: str, at_reply: Callable[[], None] | None = None) -> asyncio.Future[list[str]]:
         """Write one command line now and return the future of its reply lines (raises TmuxCommandError on
-        ``%error``). Several submits in a row pipeline commands without waiting for each reply."""
+        ``%error``). Several submits in a row pipeline commands without waiting for each reply. ``at_reply`` is
+        called the moment the reply is read, before any later line (pane output) is: what came before the reply
+        on this client is exactly what tmux sent before it ran the command."""
         if not self.alive or self._stdin is None:
             raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
         if "\n" in line or "\r" in line:
@@ -319,7 +335,7 @@ class ControlClient:
             raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         # Append and write without any await in between: FIFO order == write order.
-        self._pending.append((fut, line))
+        self._pending.append((fut, line, at_reply))
         try:
             self._stdin.write(data)
         except (ConnectionError, RuntimeError) as exc:
@@ -385,17 +401,38 @@ class ControlClient:
         buf = self._buf
         buf += data
         start = 0
+        on_output = self.on_output
         while True:
             nl = buf.find(b"\n", start)
             if nl < 0:
                 break
-            self._on_line(bytes(buf[start:nl]).decode("utf-8", errors="replace"))
+            if on_output is not None and self._block is None and buf[start] == 0x25 and (  # "%"
+                    buf.startswith(b"%output ", start) or buf.startswith(b"%extended-output ", start)):
+                self._output(on_output, bytes(buf[start:nl]))
+            else:
+                self._on_line(bytes(buf[start:nl]).decode("utf-8", errors="replace"))
             start = nl + 1
         if start:
             del buf[:start]
         if len(buf) > MAX_LINE:
             buf.clear()
             self._abandon(f"tmux sent a line of over {MAX_LINE} bytes")
+
+    @staticmethod
+    def _output(on_output: OutputCallback, line: bytes) -> None:
+        """``%output %N <data>`` or ``%extended-output %N <age> ... : <data>``. tmux escapes every byte below
+        0x20 and the backslash itself as ``\\ooo`` (so any backslash starts an octal escape) and sends the rest
+        raw: ``codecs.escape_decode`` undoes exactly that, in C."""
+        _, pane, rest = line.split(b" ", 2) if line.count(b" ") >= 2 else (b"", b"", b"")
+        if line.startswith(b"%extended-output "):
+            rest = rest.partition(b" : ")[2]
+        if not pane.startswith(b"%"):
+            return
+        data = codecs.escape_decode(rest)[0] if b"\\" in rest else rest
+        try:
+            on_output(pane.decode("ascii"), data)
+        except Exception:  # a buggy subscriber must not break the connection
+            logger.exception("output callback failed")
 
     def _on_line(self, line: str) -> None:
         block = self._block
@@ -450,7 +487,12 @@ class ControlClient:
             # Not a reply to one of our command lines (flags 0), or nothing pending: ignore it.
             logger.debug("unsolicited tmux block ignored", extra={"socket": self.socket_path})
             return
-        fut, line = self._pending.popleft()
+        fut, line, at_reply = self._pending.popleft()
+        if at_reply is not None:
+            try:
+                at_reply()
+            except Exception:
+                logger.exception("reply callback failed")
         if fut.done():  # caller gave up; reply still consumed so the FIFO stays aligned
             return
         if error:
@@ -477,6 +519,6 @@ class ControlClient:
             self._startup.set_exception(ControlClosed(err_msg))
             self._startup.exception()  # retrieved: start() reports it
         while self._pending:
-            fut, _ = self._pending.popleft()
+            fut, _, _ = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(ControlClosed(err_msg))

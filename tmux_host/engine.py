@@ -29,9 +29,11 @@ from typing import Any, Protocol
 from uuid import UUID, uuid4
 
 from tmux_host.accounts import Isolation, check_reachable, ensure_dir
-from tmux_host.control import CTL_SESSION, ControlClosed, TmuxCommandError, quote
+from tmux_host.control import CTL_SESSION, OUT_SESSION, ControlClosed, TmuxCommandError, quote
 from tmux_host.exec import ExecChannel, make_file, read_private_file
+from tmux_host.recorder import Recorder
 from tmux_host.server import HISTORY_LIMIT, UserServer
+from tmux_host.stream import Live
 from tmuxi import errors
 from tmuxi.host_client import HostFull, HostInfo
 from tmuxi.models import KEY_NAME, ExecResult, ScreenResponse
@@ -44,6 +46,7 @@ from tmuxi.observability import (
     logger,
 )
 from tmuxi.settings import Settings, env_name
+from tmuxi.storage import get_store
 
 SESSION_NAME = re.compile(r"^t([0-9a-f]{32})\Z")
 ACCOUNT_DIR = re.compile(r"^a([1-9][0-9]{0,9})\Z")
@@ -64,6 +67,7 @@ class Registry(Protocol):  # what tmuxi.registry provides (module or object)
     def sessions_ended(self, host_id: str, ended: dict[UUID, tuple[str, str]]) -> None: ...
     def confirm_sessions(self, host_id: str, present: set[tuple[UUID, int]]) -> set[UUID]: ...
     def host_stopped(self, host_id: str) -> None: ...
+    def connection_target(self, connection_id: str) -> tuple[str, str] | None: ...
 
 
 # How many sessions that ended here are remembered, to answer 410 (how it ended) rather than 404.
@@ -80,6 +84,7 @@ class SessionRec:
     tmux_id: str  # "$N"
     pane_id: str  # "%N" (the primary pane: first window, first pane)
     pid: int | None = None
+    window_id: str | None = None  # "@N": the primary pane's window, linked into _out for its output
     exec_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -92,7 +97,7 @@ class _Listing:
     """One read of a server: our candidates (``t<uuid>`` sessions with their primary pane) and how many other
     sessions its user made from a shell."""
 
-    sessions: dict[UUID, tuple[str, str, int]]  # session id -> (tmux id, pane id, pane pid)
+    sessions: dict[UUID, tuple[str, str, int, str]]  # session id -> (tmux id, pane id, pane pid, window id)
     extra: int
 
 
@@ -146,8 +151,9 @@ class Engine:
         self._stopping = False
         self._bg: set[asyncio.Task[Any]] = set()
         self._gauge = ACTIVE_SESSIONS.labels(host=self.host_id)
-        # Output streaming (later issue) subscribes here: (account, notification name, args).
-        self.on_notification: Callable[[int, str, str], None] | None = None
+        # Live output: every session's stream, its viewers and its recording (stream.py, recorder.py)
+        self.live = Live(self, settings, getattr(registry, "connection_target", None))
+        self.recorder: Recorder | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def _check_paths(self) -> None:
@@ -173,6 +179,10 @@ class Engine:
         if self.isolation.accounts:
             check_reachable(self.base_dir)
             check_reachable(self.settings.resolved_home_dir)
+        self.recorder = Recorder(self.settings.data_dir.absolute() / "spool" / self.host_id,
+                                 get_store(self.settings), self.host_id, self.settings.recording_max_bytes,
+                                 user_shell=self.settings.shell)
+        await asyncio.to_thread(self.recorder.recover)  # recordings a previous run left: finished, uploaded
         await self._adopt_existing()
         self._started = True
         if background:
@@ -195,6 +205,10 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await asyncio.gather(*(s.stop(kill=kill_servers) for s in self.servers.values()), return_exceptions=True)
+        await self.live.close()
+        if self.recorder is not None:  # this run's recordings end here (a restart begins new ones)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(self.recorder.finish_all), 10.0)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -218,15 +232,64 @@ class Engine:
         if server is None or server.stopping:
             iso = self._iso()
             server = UserServer(self.settings, iso, iso.account(account), self.host_dir, self._note,
-                                self._lock(account))
+                                self._lock(account), on_output=self._on_output)
             self.servers[account] = server
         return server
 
     def _note(self, server: UserServer, name: str, args: str) -> None:
         if name == "sessions-changed":  # a session appeared or went away (a shell exited?): re-read it
             self._schedule_refresh(server)
-        if self.on_notification is not None:
-            self.on_notification(server.account.number, name, args)
+        elif name == "pause":  # tmux paused a pane the host fell behind on: go on, and resync its viewers
+            pane = args.strip()
+            if re.fullmatch(r"%[0-9]+", pane) and server.out is not None and server.out.alive:
+                fut = server.out.submit(f"refresh-client -A {quote(pane + ':continue')}")
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                rec = self._session_of_pane(server.account.number, pane)
+                if rec is not None:
+                    logger.info("tmux paused a pane's output; resyncing its viewers",
+                                extra={"session_id": str(rec.session_id)})
+                    self.live.resync([rec.session_id])
+
+    def _session_of_pane(self, account: int, pane: str) -> SessionRec | None:
+        for sid in self._by_account.get(account, ()):
+            rec = self._sessions[sid]
+            if rec.pane_id == pane:
+                return rec
+        return None
+
+    def _on_output(self, server: UserServer, pane: str, data: bytes) -> None:
+        """A pane's output (raw bytes) from a user's output client: into its session's stream and recording."""
+        rec = self._session_of_pane(server.account.number, pane)
+        if rec is None:
+            return  # another pane of a linked window (only the primary pane is streamed), or not ours
+        self.live.output(rec.session_id, data)
+        if self.recorder is not None:
+            self.recorder.output(rec.session_id, data)
+
+    async def _link_windows(self, server: UserServer) -> None:
+        """After the output client (re)started: link every session's window into _out (again: it may be a new
+        server, or the user may have unlinked them) and resync their viewers (output was not read meanwhile)."""
+        if not server.output_restarted or not server.alive:
+            return
+        server.output_restarted = False
+        acct = server.account.number
+        recs = [self._sessions[sid] for sid in self._by_account.get(acct, ())]
+        try:
+            lines = await server.ctl.command(f"list-windows -t {quote(OUT_SESSION)} -F 'W#{{window_id}}'")
+        except (ControlClosed, TmuxCommandError) as exc:
+            logger.warning("could not list the output session", extra={"account": server.account.name,
+                                                                       "error": str(exc)[:200]})
+            return
+        linked = {ln[1:] for ln in lines if ln.startswith("W@")}
+        missing = [r for r in recs if r.window_id is not None and r.window_id not in linked]
+        if missing:
+            await server.ctl.commands([self._link_command(r) for r in missing])
+        self.live.resync([r.session_id for r in recs])
+
+    @staticmethod
+    def _link_command(rec: SessionRec) -> str:
+        assert rec.window_id is not None
+        return f"link-window -d -s {quote(rec.window_id)} -t {quote(OUT_SESSION + ':')}"
 
     async def _ensure_server(self, account: int) -> UserServer:
         """The account's server, started (as the account) if it is not running. Call with its lock held."""
@@ -238,6 +301,7 @@ class Engine:
                 raise errors.HostUnavailable(f"could not start the tmux server: {exc.message}") from exc
             self._server_replaced(server)
             server.start_supervising(self._on_reconnect)
+        await self._link_windows(server)
         return server
 
     def _server_replaced(self, server: UserServer) -> None:
@@ -252,6 +316,7 @@ class Engine:
     async def _on_reconnect(self, server: UserServer) -> None:
         self._server_replaced(server)
         await self._refresh_server(server)
+        await self._link_windows(server)
 
     async def _server(self, rec: SessionRec) -> UserServer:
         server = self.servers.get(rec.account)
@@ -297,9 +362,9 @@ class Engine:
             logger.warning("no registry: adopting every session found unchecked (development and tests only)")
         for acct, listing in found.items():
             server = self.servers[acct]
-            for sid, (tmux_id, pane, pid) in listing.sessions.items():
+            for sid, (tmux_id, pane, pid, window) in listing.sessions.items():
                 if adopt.get(sid) == acct:
-                    self._add(SessionRec(sid, acct, "t" + sid.hex, tmux_id, pane, pid))
+                    self._add(SessionRec(sid, acct, "t" + sid.hex, tmux_id, pane, pid, window_id=window))
                 elif reconciled:
                     logger.info("killing a tmux session the registry does not confirm", extra={"session_id": str(sid)})
                     with contextlib.suppress(Exception):
@@ -307,6 +372,7 @@ class Engine:
             self.extra_sessions[acct] = listing.extra
             if self._in_use(acct):
                 server.start_supervising(self._on_reconnect)
+                await self._link_windows(server)
             else:
                 await self._stop_server(acct)
         self._gauge.set(len(self._sessions))
@@ -314,22 +380,22 @@ class Engine:
     async def _list(self, server: UserServer) -> _Listing:
         sessions, panes = await server.ctl.commands([
             "list-sessions -F 'L#{session_id} #{q:session_name}'",
-            "list-panes -a -F 'P#{session_id} #{window_index} #{pane_index} #{pane_id} #{pane_pid}'",
+            "list-panes -a -F 'P#{session_id} #{window_index} #{pane_index} #{pane_id} #{pane_pid} #{window_id}'",
         ])
         if isinstance(sessions, BaseException):
             raise sessions
         if isinstance(panes, BaseException):
             raise panes
-        first_pane: dict[str, tuple[int, int, str, int]] = {}
+        first_pane: dict[str, tuple[int, int, str, int, str]] = {}
         for line in panes:
             parts = line.split(" ")
-            if len(parts) != 5 or not line.startswith("P") or not (parts[1] + parts[2] + parts[4]).isdigit():
+            if len(parts) != 6 or not line.startswith("P") or not (parts[1] + parts[2] + parts[4]).isdigit():
                 continue
             sid, widx, pidx, pane, pid = parts[0][1:], int(parts[1]), int(parts[2]), parts[3], int(parts[4])
             cur = first_pane.get(sid)
             if cur is None or (widx, pidx) < (cur[0], cur[1]):
-                first_pane[sid] = (widx, pidx, pane, pid)
-        out: dict[UUID, tuple[str, str, int]] = {}
+                first_pane[sid] = (widx, pidx, pane, pid, parts[5])
+        out: dict[UUID, tuple[str, str, int, str]] = {}
         extra = 0
         for line in sessions:
             parts = line.split(" ", 1)
@@ -338,9 +404,9 @@ class Engine:
             tmux_id, name = parts[0][1:], _unq(parts[1])
             m = SESSION_NAME.match(name)
             if m and tmux_id in first_pane:
-                _, _, pane, pid = first_pane[tmux_id]
-                out[UUID(m.group(1))] = (tmux_id, pane, pid)
-            elif name != CTL_SESSION:
+                _, _, pane, pid, window = first_pane[tmux_id]
+                out[UUID(m.group(1))] = (tmux_id, pane, pid, window)
+            elif name not in (CTL_SESSION, OUT_SESSION):
                 extra += 1
         return _Listing(out, extra)
 
@@ -362,10 +428,10 @@ class Engine:
             server.refreshing = False
         self._server_replaced(server)  # its sessions are lost, not exited, if it is a new server
         extra = listing.extra
-        for sid, (tmux_id, pane, pid) in listing.sessions.items():
+        for sid, (tmux_id, pane, pid, window) in listing.sessions.items():
             rec = self._sessions.get(sid)
             if rec is not None and rec.account == acct:
-                rec.tmux_id, rec.pane_id, rec.pid = tmux_id, pane, pid
+                rec.tmux_id, rec.pane_id, rec.pid, rec.window_id = tmux_id, pane, pid, window
             elif sid not in self._creating:
                 extra += 1
         self.extra_sessions[acct] = extra
@@ -479,12 +545,20 @@ class Engine:
                     await self._report_ended()
                 if beat % CONFIRM_EVERY == 0:
                     await self._confirm()
+            if self.recorder is not None:  # a crash loses at most one interval of recordings; failed uploads retried
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.recorder.flush)
+                    await asyncio.to_thread(self.recorder.retry_uploads)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     def host_info(self) -> HostInfo:
         extra = {a: n for a, n in self.extra_sessions.items() if n}
         return HostInfo(self.host_id, self.settings.advertised_host_url, self.settings.host_capacity,
                         len(self._sessions), self.started_at, extra)
+
+    def ended_how(self, session_id: UUID) -> tuple[str, str] | None:
+        """(state, reason) of a session that ended here; None while it is held (or was never here)."""
+        return None if session_id in self._sessions else self._gone.get(session_id)
 
     def _get(self, session_id: UUID) -> SessionRec:
         rec = self._sessions.get(session_id)
@@ -503,9 +577,12 @@ class Engine:
             for old in list(self._changed_at)[:2048]:
                 del self._changed_at[old]
 
-    def _add(self, rec: SessionRec) -> None:
+    def _add(self, rec: SessionRec, cols: int | None = None, rows: int | None = None) -> None:
         self._sessions[rec.session_id] = rec
         self._by_account.setdefault(rec.account, set()).add(rec.session_id)
+        self.live.started(rec.session_id, rec.account)
+        if self.recorder is not None:
+            self.recorder.start(rec.session_id, cols or self.settings.default_cols, rows or self.settings.default_rows)
 
     def _drop(self, rec: SessionRec, reason: str) -> None:
         if self._sessions.get(rec.session_id) is rec:
@@ -518,6 +595,20 @@ class Engine:
             self._mark_changed(rec.session_id)
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
+            # once the caller has remembered how it ended (_ended, kill_session): viewers told, recording finished
+            asyncio.get_running_loop().call_soon(self._stream_ended, rec)
+
+    def _stream_ended(self, rec: SessionRec) -> None:
+        state, reason = self._gone.get(rec.session_id, ("exited", "its shell exited"))
+        self.live.ended(rec.session_id, state, reason)
+        if self.recorder is not None:
+            self._spawn(asyncio.to_thread(self.recorder.finish, rec.session_id), "recording-finish")
+        server = self.servers.get(rec.account)
+        if state == "exited" and rec.window_id is not None and server is not None and server.alive:
+            # its session is gone; if the user ended it with `tmux kill-session`, its window lives on in _out:
+            # end it (nothing to do when the shell exited: the window went with it)
+            fut = server.ctl.submit(f"kill-window -t {quote(rec.window_id)}")
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _in_use(self, account: int) -> bool:
         return bool(self._by_account.get(account)) or account in self._creating.values()
@@ -607,12 +698,18 @@ class Engine:
                     raise errors.AppError("tmux could not create the session") from exc
                 except ControlClosed as exc:
                     raise errors.HostUnavailable(exc.message) from exc
-            parts = next((ln.split(" ") for ln in lines if ln.startswith("N$")), None)
-            if parts is None or len(parts) != 4 or not parts[3].isdigit():
-                raise errors.AppError("unexpected reply from tmux new-session")
-            rec = SessionRec(session_id, account, name, parts[0][1:], parts[2], int(parts[3]))
-            self._add(rec)
-            self._mark_changed(session_id)
+                parts = next((ln.split(" ") for ln in lines if ln.startswith("N$")), None)
+                if parts is None or len(parts) != 4 or not parts[3].isdigit():
+                    raise errors.AppError("unexpected reply from tmux new-session")
+                rec = SessionRec(session_id, account, name, parts[0][1:], parts[2], int(parts[3]), window_id=parts[1])
+                self._add(rec, cols, rows)
+                self._mark_changed(session_id)
+                if server.out is not None and server.out.alive:  # its output reaches the output client
+                    try:
+                        await server.ctl.command(self._link_command(rec))
+                    except (TmuxCommandError, ControlClosed) as exc:
+                        logger.warning("could not link a session's window for its output",
+                                       extra={"session_id": str(session_id), "error": str(exc)[:200]})
         finally:
             self._creating.pop(session_id, None)
         SESSIONS_CREATED.labels(host=self.host_id).inc()
@@ -627,13 +724,14 @@ class Engine:
     async def kill_session(self, session_id: UUID, *, reason: str = "killed") -> None:
         rec = self._get(session_id)
         server = await self._server(rec)
-        try:
-            await server.ctl.command(f"kill-session -t {quote(rec.tmux_id)}")
-        except TmuxCommandError as exc:
-            if not _not_found(exc):
-                raise errors.AppError(str(exc)) from exc
-        except ControlClosed as exc:
-            raise errors.HostUnavailable(exc.message) from exc
+        # its window first: linked into _out as well, it would outlive the session (and its shell with it)
+        lines = ([f"kill-window -t {quote(rec.window_id)}"] if rec.window_id else []) + \
+            [f"kill-session -t {quote(rec.tmux_id)}"]
+        for result in await server.ctl.commands(lines):
+            if isinstance(result, ControlClosed):
+                raise errors.HostUnavailable(result.message) from result
+            if isinstance(result, TmuxCommandError) and not _not_found(result):
+                raise errors.AppError(str(result)) from result
         self._drop(rec, reason)
         self._remember(session_id, "deleted", "it was deleted")
         self._spawn(self._stop_if_unused(rec.account), f"stop-{rec.account}")
@@ -723,12 +821,16 @@ class Engine:
                         await server.ctl.commands([f"delete-buffer -b {buf}"])
 
     # --- screen ------------------------------------------------------------------------------------
-    async def screen(self, session_id: UUID, *, escapes: bool = False, history: int = 0) -> ScreenResponse:
+    async def screen(self, session_id: UUID, *, escapes: bool = False, history: int = 0,
+                     at_capture: Callable[[], None] | None = None) -> ScreenResponse:
+        """The pane's screen. With ``at_capture`` (a live snapshot): captured through the output client, and
+        ``at_capture`` called the moment the capture's reply is read there -- after exactly the output tmux had
+        sent before it captured, so the stream's position then is where the screen leaves off."""
         rec = self._get(session_id)
         history = max(0, min(int(history), HISTORY_LIMIT))
         n = next(self._counter)
         buf = f"tmuxi_c{n}"
-        await self._server(rec)
+        server = await self._server(rec)
         path = self._exchange(rec) / f"c{n}-{uuid4().hex}"
         make_file(path, mode=0o622)  # the account's tmux writes it; only the host could have made it
 
@@ -743,7 +845,10 @@ class Engine:
             ]
 
         try:
-            results = await self._run(rec, make)
+            if at_capture is None:
+                results = await self._run(rec, make)
+            else:
+                results = await self._on_output_client(server, make(rec), at_capture)
             raw = await asyncio.to_thread(read_private_file, path, MAX_SCREEN_BYTES)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -754,6 +859,29 @@ class Engine:
         if text.endswith("\n"):
             text = text[:-1]
         return ScreenResponse(text=text, cols=w, rows=h, cursor_x=cx, cursor_y=cy, escapes=escapes)
+
+    async def _on_output_client(self, server: UserServer, lines: list[str],
+                                at_first_reply: Callable[[], None]) -> list[list[str]]:
+        out = server.out
+        if out is None or not out.alive:
+            raise errors.HostUnavailable("the session's output is not being read (its output client is down)")
+        futs = [out.submit(line, at_reply=at_first_reply if i == 0 else None) for i, line in enumerate(lines)]
+        replies = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), self.settings.control_timeout_s)
+        failure = next((r for r in replies if isinstance(r, BaseException)), None)
+        if isinstance(failure, ControlClosed):
+            raise errors.HostUnavailable(failure.message) from failure
+        if failure is not None:
+            if _not_found(failure):  # its shell exited a moment ago: re-read the server (it ends the session)
+                self._schedule_refresh(server)
+            raise errors.AppError(str(failure)) from failure
+        return replies  # type: ignore[return-value]
+
+    async def pane_size(self, session_id: UUID) -> tuple[int, int]:
+        rec = self._get(session_id)
+        (lines,) = await self._run(rec, lambda r: [
+            f"display-message -p -t {quote(r.pane_id)} 'S#{{pane_width}} #{{pane_height}}'"])
+        found = next((ln[1:].split(" ") for ln in lines if ln.startswith("S")), ["0", "0"])
+        return (int(found[0]), int(found[1])) if len(found) == 2 and "".join(found).isdigit() else (0, 0)
 
     async def resize(self, session_id: UUID, cols: int, rows: int) -> None:
         rec = self._get(session_id)
@@ -768,6 +896,8 @@ class Engine:
             ]
 
         await self._run(rec, make)
+        if self.recorder is not None:
+            self.recorder.resize(session_id, cols, rows)
 
     # --- exec --------------------------------------------------------------------------------------
     async def _shell_ready(self, rec: SessionRec, deadline: float) -> bool:

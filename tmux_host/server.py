@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tmux_host.accounts import Account, Isolation, ensure_dir
-from tmux_host.control import ControlClient, quote
+from tmux_host.control import OUT_SESSION, ControlClient, ControlClosed, OutputCallback, quote
 from tmuxi.observability import ERRORS, logger
 from tmuxi.settings import Settings
 
@@ -42,7 +42,8 @@ def _running(pid: int) -> bool:
 
 class UserServer:
     def __init__(self, settings: Settings, isolation: Isolation, account: Account, host_dir: Path,
-                 on_notification: Callable[[UserServer, str, str], None], lock: asyncio.Lock) -> None:
+                 on_notification: Callable[[UserServer, str, str], None], lock: asyncio.Lock,
+                 on_output: Callable[[UserServer, str, bytes], None] | None = None) -> None:
         self.settings = settings
         self.isolation = isolation
         self.account = account
@@ -56,6 +57,7 @@ class UserServer:
         self.stopping = False
         self.pid: int | None = None  # the tmux server's
         self.restarted = False  # the last connect found a new server: the one before died, with its sessions
+        self.output_restarted = False  # the output client was (re)started: the engine relinks and resyncs
         self._rss: tuple[float, int | None] = (0.0, None)
         self.ctl = ControlClient(
             self.socket_path, shell=settings.shell, env=isolation.env(account, settings.shell),
@@ -65,6 +67,22 @@ class UserServer:
             spin_s=settings.control_spin_us / 1e6, command_timeout_s=settings.control_timeout_s,
             start_timeout_s=max(2.0, settings.control_timeout_s),
         )
+        # The output client: attached to _out, into which the engine links each session's window, so that tmux
+        # sends it their panes' output; tmux pauses a pane whose output it has not read for pause-after seconds
+        # (rather than buffering it without bound) and says so (%pause). ignore-size: its own size never
+        # changes a window's.
+        self.out: ControlClient | None = None
+        if on_output is not None:
+            out_cb: OutputCallback = lambda pane, data: on_output(self, pane, data)  # noqa: E731
+            self.out = ControlClient(
+                self.socket_path, shell=settings.shell, env=isolation.env(account, settings.shell),
+                wrap=lambda argv: isolation.argv(account, argv), spawn_kwargs=isolation.spawn_kwargs(account),
+                on_spawned=lambda pid: isolation.confine(account, pid),
+                on_notification=lambda name, args: on_notification(self, name, args),
+                command_timeout_s=settings.control_timeout_s, start_timeout_s=max(2.0, settings.control_timeout_s),
+                session=OUT_SESSION, flags=f"ignore-size,pause-after={settings.stream_pause_after_s}",
+                on_output=out_cb,
+            )
 
     @property
     def alive(self) -> bool:
@@ -77,9 +95,18 @@ class UserServer:
         ensure_dir(self.exchange_dir, 0o710, None, a.gid)
 
     async def connect(self) -> None:
-        """(Re)attach to the server, starting it if needed, and set its options."""
-        if self.ctl.alive:
-            return
+        """(Re)attach to the server, starting it if needed, and set its options; then its output client."""
+        if not self.ctl.alive:
+            await self._connect_commands()
+        try:
+            if await self.connect_output():
+                self.output_restarted = True
+        except ControlClosed as exc:  # sessions still work, unwatched and unrecorded; the supervisor retries
+            ERRORS.labels(component="host", kind="output_client").inc()
+            logger.warning("tmux output client failed to start", extra={"account": self.account.name,
+                                                                       "error": str(exc)[:200]})
+
+    async def _connect_commands(self) -> None:
         if self.pid is not None and not _running(self.pid):
             self.restarted = True  # known before anything can use the new server's connection
         self.prepare_dirs()
@@ -107,14 +134,20 @@ class UserServer:
     async def _supervise(self, on_reconnect: Callable[[UserServer], object]) -> None:
         delay = 0.2
         while not self.stopping:
-            await self.ctl.wait_closed()
+            waits = [asyncio.ensure_future(c.wait_closed()) for c in (self.ctl, self.out) if c is not None]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
             if self.stopping:
                 return
-            if self.ctl.alive:
+            if self.ctl.alive and (self.out is None or self.out.alive):
                 await asyncio.sleep(0.05)
                 continue
-            logger.warning("tmux control connection lost; reconnecting", extra={"account": self.account.name})
-            ERRORS.labels(component="host", kind="tmux_server_down").inc()
+            if not self.ctl.alive:
+                logger.warning("tmux control connection lost; reconnecting", extra={"account": self.account.name})
+                ERRORS.labels(component="host", kind="tmux_server_down").inc()
             await asyncio.sleep(delay)
             try:
                 async with self.lock:
@@ -129,6 +162,14 @@ class UserServer:
                 logger.error("tmux reconnect failed", extra={"account": self.account.name, "error": str(exc)})
                 delay = min(delay * 2, 10.0)
 
+    async def connect_output(self) -> bool:
+        """Start the output client if it is not running (the command client must be). True: it was (re)started,
+        so output may have been missed meanwhile."""
+        if self.out is None or self.out.alive:
+            return False
+        await self.out.start()
+        return True
+
     async def stop(self, *, kill: bool) -> None:
         """Detach (the server lives on) or, with ``kill``, end the server and everything its user left running."""
         self.stopping = True
@@ -142,6 +183,8 @@ class UserServer:
                 fut.add_done_callback(lambda f: f.exception())  # the reply may never come: the server exits
                 await asyncio.wait_for(self.ctl.wait_closed(), 2.0)
         await self.ctl.close()
+        if self.out is not None:
+            await self.out.close()
         if kill:
             await asyncio.to_thread(self.isolation.reap, self.account)
 

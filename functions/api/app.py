@@ -34,23 +34,31 @@ from tmuxi.models import (
     HealthResponse,
     InputRequest,
     Principal,
+    RecordingList,
     ResizeRequest,
     ScreenResponse,
     Session,
     SessionCreate,
     SessionFilter,
     SessionList,
+    ShareCreate,
+    ShareCreated,
+    ShareList,
+    ShareTicket,
+    ShareTicketRequest,
     TokenRequest,
     TokenResponse,
     User,
     UserUpdate,
     ValidateResponse,
+    WsTicket,
 )
 from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger, request_context
 from tmuxi.pagination import MAX_PAGE, decode_cursor
 from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
 from tmuxi.services import health as health_service
+from tmuxi.services import live as live_service
 from tmuxi.services import sessions as sessions_service
 from tmuxi.services import throttle
 from tmuxi.services import users as users_service
@@ -225,6 +233,60 @@ async def resize(id: UUID, body: ResizeRequest, request: Request) -> Response:  
 async def exec_command(id: UUID, body: ExecRequest, request: Request) -> Response:  # noqa: A002
     p = principal(request)
     return _json(sessions_service.exec_command(p, id, body))
+
+
+# --- live terminals (docs/websocket.md): connect tickets, read-only shares, recordings -----------------------
+
+
+@app.post("/ws/tickets", status_code=201, response_model=WsTicket, tags=["live"], responses=_AUTHED)
+async def mint_ws_ticket(request: Request) -> Response:
+    return _json(live_service.mint_ticket(principal(request)), 201)
+
+
+@app.post("/ws/share-tickets", status_code=201, response_model=ShareTicket, tags=["live"],
+          responses={**_COMMON, 404: _err("Unknown, expired or revoked share token, or its session has ended"),
+                     429: _err("Too many requests from the address; Retry-After says when to try again")})
+async def redeem_share(body: ShareTicketRequest, request: Request) -> Response:
+    return _json(live_service.redeem_share(body.share_token, throttle.source_ip(request.scope.get("aws.event"))), 201)
+
+
+_SHARES: dict[int | str, dict[str, Any]] = {**_SESSION, 404: _err("No such session of yours, or no such share")}
+
+
+@app.post("/sessions/{id}/shares", status_code=201, response_model=ShareCreated, tags=["live"],
+          responses={**_SESSION, 410: _err("The session has ended")})
+async def create_share(id: UUID, request: Request,  # noqa: A002
+                       body: Annotated[ShareCreate | None, Body()] = None) -> Response:
+    p = principal(request)
+    # an empty body means all defaults (an hour)
+    return _json(live_service.create_share(p, id, body or ShareCreate()), 201)
+
+
+@app.get("/sessions/{id}/shares", response_model=ShareList, tags=["live"], responses=_SHARES)
+async def list_shares(id: UUID, request: Request) -> Response:  # noqa: A002
+    return _json(live_service.list_shares(principal(request), id))
+
+
+@app.delete("/sessions/{id}/shares/{share_id}", status_code=204, response_class=Response, tags=["live"],
+            responses=_SHARES)
+async def revoke_share(id: UUID, share_id: UUID, request: Request) -> Response:  # noqa: A002
+    p = principal(request)
+    live_service.revoke_share(p, id, share_id)
+    return Response(status_code=204)
+
+
+@app.get("/sessions/{id}/recordings", response_model=RecordingList, tags=["live"], responses=_SESSION)
+async def list_recordings(id: UUID, request: Request) -> Response:  # noqa: A002
+    return _json(live_service.list_recordings(principal(request), id))
+
+
+@app.get("/sessions/{id}/recordings/{name}", response_class=Response, tags=["live"],
+         responses={**_SESSION, 400: _err("Not a recording's name"), 404: _err("No such session or recording"),
+                    413: _err("The recording is larger than the API returns (5 MB)"),
+                    200: {"content": {"application/x-asciicast": {}}, "description": "asciicast v2"}})
+async def get_recording(id: UUID, name: str, request: Request) -> Response:  # noqa: A002
+    p = principal(request)
+    return Response(live_service.get_recording(p, id, name), media_type="application/x-asciicast")
 
 
 # --- auth -------------------------------------------------------------------------------------------------

@@ -130,3 +130,10 @@ class DependencyUnavailable(AppError):
     status = 503
     code = "dependency_unavailable"
     public_message = "the service is temporarily unavailable; retry shortly"
+
+
+class NotAttached(Conflict):
+    """A WebSocket connection asked for something that needs an attached session (``detach``) while it has
+    none."""
+
+    code = "not_attached"

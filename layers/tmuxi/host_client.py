@@ -12,6 +12,7 @@ import base64
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 import httpx
@@ -232,3 +233,23 @@ class HostClient:
             return _obj(resp)
         except ValueError as exc:
             raise errors.HostUnavailable(f"tmux host {self.base_url} health answered {resp.status_code}") from exc
+
+    # --- live viewers (docs/websocket.md): the host sends a viewer's output to its WebSocket connection ----------
+    def attach_viewer(self, session_id: UUID, connection_id: str, *, read_only: bool, stream: str | None,
+                      last_seq: int | None, share_id: UUID | None, expires_at: float | None) -> dict[str, Any]:
+        """Attach connection ``connection_id`` to a session as a viewer (another attach of the same connection
+        replaces it). ``stream`` + ``last_seq``: resume where the client was; ``expires_at`` (unix seconds): when
+        a share viewer's share expires, and the host detaches it. Returns ``{"stream": str, "seq": int}``."""
+        body = {"connection_id": connection_id, "read_only": read_only, "stream": stream, "last_seq": last_seq,
+                "share_id": str(share_id) if share_id is not None else None, "expires_at": expires_at}
+        out = _obj(self._request("POST", f"/v1/sessions/{session_id}/viewers", json=body))
+        stream_id, seq = out.get("stream"), out.get("seq")
+        if not isinstance(stream_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            raise errors.HostUnavailable(f"tmux host {self.base_url} answered an attach without a stream and seq")
+        return {"stream": stream_id, "seq": seq}
+
+    def detach_viewer(self, connection_id: str, reason: str, *, notify: bool = True) -> None:
+        """Detach a connection's viewer, wherever on this host it is (a host that has none answers 204 too).
+        ``notify``: the host tells the client (``detached`` with ``reason``)."""
+        self._request("DELETE", f"/v1/viewers/{quote(connection_id, safe='')}",
+                      params={"reason": reason, "notify": 1 if notify else 0})

@@ -183,3 +183,91 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# --- live terminals over WebSocket (docs/websocket.md) ------------------------------------------------------
+class WsTicket(BaseModel):
+    """A connect ticket: single-use, for the ``ticket`` query parameter of the WebSocket URL."""
+
+    ticket: str
+    expires_in: int = Field(description="seconds until it expires")
+
+
+class ShareTicketRequest(_Strict):
+    share_token: str = Field(min_length=1, max_length=256)
+
+
+class ShareTicket(WsTicket):
+    """A connect ticket redeemed from a share token: it attaches only ``session_id``, read-only."""
+
+    session_id: UUID
+    read_only: Literal[True] = True
+
+
+class ShareCreate(_Strict):
+    # the upper bound is this deployment's TMUXI_WS_SHARE_MAX_TTL_S (checked by services/live.py)
+    expires_in_s: int = Field(default=3600, ge=60, description="seconds until the share expires")
+
+
+class ShareCreated(BaseModel):
+    id: UUID
+    token: str = Field(description="shown once: only its hash is kept")
+    expires_at: datetime
+
+
+class Share(BaseModel):
+    id: UUID
+    session_id: UUID
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ShareList(BaseModel):
+    """Newest first; expired and revoked shares included (``expires_at``, ``revoked_at`` say which)."""
+
+    shares: list[Share]
+
+
+class Recording(BaseModel):
+    name: str
+    size: int
+    modified: datetime
+
+
+class RecordingList(BaseModel):
+    recordings: list[Recording]
+
+
+# WebSocket messages the ws function takes (the hosts take the others). Strict: a string is not a bool, a float
+# is not a sequence number; unknown fields are refused, so a misspelt ``read_only`` never attaches read-write.
+_STREAM = re.compile(r"[0-9a-f]{1,32}")  # how the hosts name their streams (tmux_host/app.py)
+
+
+class AttachRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["attach"] = "attach"
+    session_id: UUID
+    read_only: bool = False
+    stream: str | None = Field(default=None, description="resume: the stream of last_seq")
+    last_seq: int | None = Field(default=None, ge=0, le=2**63 - 1, description="resume: the position reached")
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_id(cls, v: str | None) -> str | None:
+        if v is not None and not _STREAM.fullmatch(v):
+            raise ValueError("must be the `stream` of an `attached` message (1 to 32 hex digits)")
+        return v
+
+    @model_validator(mode="after")
+    def _resume_needs_both(self) -> AttachRequest:
+        if (self.stream is None) != (self.last_seq is None):
+            raise ValueError("stream and last_seq go together (resume), or neither")
+        return self
+
+
+class DetachRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["detach"] = "detach"

@@ -101,3 +101,11 @@ def reconcile_host(host_id: str, present: set[tuple[UUID, int]]) -> dict[UUID, i
         # a session being created right now is 'creating' and so live: never unknown here
         logger.info("tmux sessions not confirmed by the record", extra={"host_id": host_id, "count": len(unknown)})
     return adopt
+
+
+def connection_target(connection_id: str) -> tuple[str, str] | None:
+    """(host id, host URL) of the host holding a WebSocket connection's viewer -- where the tmux hosts forward the
+    connection's `$default` messages (input, resize) -- from PostgreSQL. None: the connection is unknown or not
+    attached. Not cached: an attach may move a connection to another host at any moment."""
+    row = repo.ws_connection_target(connection_id)
+    return (str(row["host_id"]), str(row["url"])) if row is not None else None

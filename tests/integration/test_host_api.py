@@ -244,8 +244,8 @@ def test_control_client_death_is_repaired(client: HostClient, session: uuid.UUID
             with contextlib.suppress(OSError):
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
                 ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if sock.encode() in argv and b"-C" in argv and ppid == os.getpid():
-                    pids.append(int(proc.name))  # our control client (the host runs in this process)
+                if sock.encode() in argv and b"-C" in argv and b"_ctl" in argv and ppid == os.getpid():
+                    pids.append(int(proc.name))  # our command client (the host runs in this process)
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
     # the supervisor (or the next call) reconnects; the session and its shell are untouched

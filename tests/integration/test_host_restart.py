@@ -122,7 +122,7 @@ def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
     try:
         with host_in_thread(settings) as url:  # registry=None: no database needed
             client = HostClient(url, secret=SECRET, settings=settings)
-            client.create_session(keep, 1, 80, 24)
+            keep_pane = client.create_session(keep, 1, 80, 24)["pane_id"]
             client.create_session(orphan, 2, 80, 24)
             # account 2 makes, from its shell, a session named like account 1's (to be adopted in its place)
             made = client.exec(orphan, f"tmux new-session -d -s t{keep.hex} && tmux new -d -s mine && echo ok", 10)
@@ -133,7 +133,7 @@ def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
             client = HostClient(url, secret=SECRET, settings=settings)
             assert registry.reconciled == [("reg-host", {(keep, 1), (keep, 2), (orphan, 2)})]
             assert client.list_sessions() == [
-                {"session_id": str(keep), "account": 1, "tmux_name": "t" + keep.hex, "pane_id": "%1"}]
+                {"session_id": str(keep), "account": 1, "tmux_name": "t" + keep.hex, "pane_id": keep_pane}]
             # the orphan and the forgery were killed; only account 1's server is left
             assert client.health()["servers"]["running"] == 1
             wait_for(lambda: registry.heartbeats, timeout=5, what="heartbeat")

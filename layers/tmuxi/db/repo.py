@@ -470,3 +470,204 @@ def unexpired_revocations() -> list[Row]:
             "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()"
         ).fetchall()
 
+
+
+# --- live terminals: connect tickets, read-only shares, WebSocket connections (migration 0007) ----------------
+# A share is live while it is neither revoked nor expired and its creator's account is enabled (``sh``: the share,
+# ``cu``: its creator). Every statement that admits a share viewer -- redeeming a token, a ticket's $connect, an
+# attach -- asks this same question.
+_SHARE_LIVE = "(sh.revoked_at IS NULL AND sh.expires_at > now() AND NOT cu.disabled)"
+
+
+def create_ws_ticket(ticket_hash: bytes, ttl_s: int, user_id: UUID) -> None:
+    """A user's connect ticket (any session of theirs), good for ``ttl_s`` seconds."""
+    with connection() as conn:
+        conn.execute(
+            "INSERT INTO ws_tickets (ticket_hash, user_id, expires_at)"
+            " VALUES (%s, %s, now() + make_interval(secs => %s))",
+            (ticket_hash, user_id, ttl_s),
+        )
+
+
+def redeem_share(token_hash: bytes, ticket_hash: bytes, ttl_s: int, source_ip: str | None) -> Row | None:
+    """Mint a read-only connect ticket for the live share whose token hashes to ``token_hash``, if its session is
+    active; it expires in ``ttl_s`` seconds or with the share, whichever is first. Audited. Returns
+    ``share_id``, ``session_id``, ``expires_in`` (seconds), or None (no such live share: nothing is written)."""
+    with connection() as conn, conn.transaction():
+        share = conn.execute(
+            f"SELECT sh.id, sh.session_id, sh.created_by FROM ws_shares sh JOIN users cu ON cu.id = sh.created_by"
+            f" JOIN sessions s ON s.id = sh.session_id"
+            f" WHERE sh.token_hash = %s AND {_SHARE_LIVE} AND s.state = 'active'",
+            (token_hash,),
+        ).fetchone()
+        if share is None:
+            return None
+        row = conn.execute(
+            "INSERT INTO ws_tickets (ticket_hash, share_id, session_id, read_only, expires_at)"
+            " SELECT %s, sh.id, sh.session_id, true, least(now() + make_interval(secs => %s), sh.expires_at)"
+            " FROM ws_shares sh WHERE sh.id = %s"
+            " RETURNING share_id, session_id, extract(epoch FROM expires_at - now())::float8 AS expires_in",
+            (ticket_hash, ttl_s, share["id"]),
+        ).fetchone()
+        assert row is not None
+        _audit(conn, None, "share.redeem", share["session_id"], "ok",
+               {"share_id": str(share["id"]), "created_by": str(share["created_by"]), "source_ip": source_ip})
+        return row
+
+
+def consume_ws_ticket(ticket_hash: bytes) -> Row | None:
+    """Use a connect ticket up: one UPDATE that only an unused, unexpired ticket passes, so of two handshakes
+    racing with one ticket exactly one gets it. Returns what the ticket grants -- ``user_id`` or ``share_id``
+    (and the share's ``session_id``), ``read_only`` -- with what decides whether it still may: ``user_disabled``
+    (a disabled or deleted user), ``share_live`` and ``share_expires_at``. None: unknown, used or expired."""
+    with connection() as conn:
+        return conn.execute(
+            f"WITH t AS (UPDATE ws_tickets SET used_at = now()"
+            f"  WHERE ticket_hash = %s AND used_at IS NULL AND expires_at > now()"
+            f"  RETURNING user_id, share_id, session_id, read_only)"
+            f" SELECT t.user_id, t.share_id, t.session_id, t.read_only, coalesce(u.disabled, false) AS user_disabled,"
+            f"  sh.expires_at AS share_expires_at, coalesce({_SHARE_LIVE}, false) AS share_live"
+            f" FROM t LEFT JOIN users u ON u.id = t.user_id LEFT JOIN ws_shares sh ON sh.id = t.share_id"
+            f" LEFT JOIN users cu ON cu.id = sh.created_by",
+            (ticket_hash,),
+        ).fetchone()
+
+
+def add_ws_connection(connection_id: str, user_id: UUID | None, share_id: UUID | None,
+                      scope_session_id: UUID | None, source_ip: str | None, detail: dict[str, Any]) -> None:
+    """Record an open connection (a share viewer's read-only from the start) and audit it (``ws.connect``)."""
+    try:
+        with connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO ws_connections (id, user_id, share_id, scope_session_id, read_only, source_ip)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (connection_id, user_id, share_id, scope_session_id, share_id is not None, source_ip),
+            )
+            _audit(conn, user_id, "ws.connect", scope_session_id, "ok", detail)
+    except psycopg.errors.UniqueViolation as exc:  # API Gateway never reuses an id: someone replays an event
+        raise Conflict("this connection is already open") from exc
+
+
+def get_ws_connection(connection_id: str) -> Row | None:
+    """A connection with what decides what it may attach: ``user_disabled`` (its user is disabled or deleted),
+    ``share_live`` and ``share_expires_at`` (a share viewer's)."""
+    with connection() as conn:
+        return conn.execute(
+            f"SELECT c.id, c.user_id, c.share_id, c.scope_session_id, c.session_id, c.host_id, c.read_only,"
+            f" coalesce(u.disabled, false) AS user_disabled, sh.expires_at AS share_expires_at,"
+            f" coalesce({_SHARE_LIVE}, false) AS share_live"
+            f" FROM ws_connections c LEFT JOIN users u ON u.id = c.user_id"
+            f" LEFT JOIN ws_shares sh ON sh.id = c.share_id LEFT JOIN users cu ON cu.id = sh.created_by"
+            f" WHERE c.id = %s",
+            (connection_id,),
+        ).fetchone()
+
+
+def set_ws_attachment(connection_id: str, session_id: UUID, host_id: str, read_only: bool) -> bool:
+    """Record a connection as attached to a session on a host. False: the connection is gone ($disconnect)."""
+    with connection() as conn:
+        row = conn.execute(
+            "UPDATE ws_connections SET session_id = %s, host_id = %s, read_only = %s, attached_at = now()"
+            " WHERE id = %s RETURNING id",
+            (session_id, host_id, read_only, connection_id),
+        ).fetchone()
+    return row is not None
+
+
+def clear_ws_attachment(connection_id: str, session_id: UUID | None = None) -> None:
+    """Record a connection as attached to nothing (if attached to ``session_id``, when given). A share viewer's
+    stays read-only."""
+    with connection() as conn:
+        conn.execute(
+            "UPDATE ws_connections SET session_id = NULL, host_id = NULL, attached_at = NULL,"
+            " read_only = share_id IS NOT NULL"
+            " WHERE id = %s AND (%s::uuid IS NULL OR session_id = %s)",
+            (connection_id, session_id, session_id),
+        )
+
+
+def ws_connection_attached(connection_id: str, session_id: UUID) -> bool:
+    with connection() as conn:
+        return conn.execute("SELECT 1 FROM ws_connections WHERE id = %s AND session_id = %s",
+                            (connection_id, session_id)).fetchone() is not None
+
+
+def delete_ws_connection(connection_id: str) -> Row | None:
+    """Forget a closed connection. Returns its row as it was (``session_id``, ``host_id``: where it was
+    attached), or None if it was not recorded."""
+    with connection() as conn:
+        return conn.execute(
+            "DELETE FROM ws_connections WHERE id = %s RETURNING id, user_id, share_id, session_id, host_id",
+            (connection_id,),
+        ).fetchone()
+
+
+def ws_connection_target(connection_id: str) -> Row | None:
+    """The host holding an attached connection's viewer: ``host_id``, ``url``. None: unknown or not attached."""
+    with connection() as conn:
+        return conn.execute(
+            "SELECT h.id AS host_id, h.url FROM ws_connections c JOIN hosts h ON h.id = c.host_id WHERE c.id = %s",
+            (connection_id,),
+        ).fetchone()
+
+
+_SHARE_COLS = "id, session_id, created_at, expires_at, revoked_at"
+
+
+def create_share(session_id: UUID, created_by: UUID, token_hash: bytes, expires_in_s: int) -> Row:
+    """A read-only share of a session, expiring in ``expires_in_s`` seconds; audited (``share.create``)."""
+    with connection() as conn, conn.transaction():
+        row = conn.execute(
+            f"INSERT INTO ws_shares (id, session_id, created_by, token_hash, expires_at)"
+            f" VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING {_SHARE_COLS}",
+            (uuid4(), session_id, created_by, token_hash, expires_in_s),
+        ).fetchone()
+        assert row is not None
+        _audit(conn, created_by, "share.create", session_id, "ok",
+               {"share_id": str(row["id"]), "expires_in_s": expires_in_s})
+        return row
+
+
+def list_shares(session_id: UUID, limit: int = MAX_PAGE) -> list[Row]:
+    """A session's shares, newest first (at most ``limit``)."""
+    with connection() as conn:
+        return conn.execute(
+            f"SELECT {_SHARE_COLS} FROM ws_shares WHERE session_id = %s ORDER BY created_at DESC, id LIMIT %s",
+            (session_id, limit),
+        ).fetchall()
+
+
+def revoke_share(session_id: UUID, share_id: UUID, actor: UUID) -> Row | None:
+    """Revoke a share of a session (revoking it again changes nothing) and audit it (``share.revoke``). Returns
+    the share, or None when the session has no such share."""
+    with connection() as conn, conn.transaction():
+        row = conn.execute(
+            f"UPDATE ws_shares SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s AND session_id = %s"
+            f" RETURNING {_SHARE_COLS}",
+            (share_id, session_id),
+        ).fetchone()
+        if row is not None:
+            _audit(conn, actor, "share.revoke", session_id, "ok", {"share_id": str(share_id)})
+        return row
+
+
+def attached_share_connections(share_id: UUID) -> list[Row]:
+    """The connections of a share's viewers that are attached: ``id``, ``session_id``, ``host_id``."""
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, session_id, host_id FROM ws_connections WHERE share_id = %s AND session_id IS NOT NULL",
+            (share_id,),
+        ).fetchall()
+
+
+def prune_live(ticket_grace_s: float, connection_max_s: float) -> tuple[int, int]:
+    """Delete tickets expired more than ``ticket_grace_s`` ago and connections open longer than
+    ``connection_max_s`` (whose $disconnect never came). Returns how many of each."""
+    with connection() as conn:
+        tickets = conn.execute(
+            "DELETE FROM ws_tickets WHERE expires_at < now() - make_interval(secs => %s)", (ticket_grace_s,)
+        ).rowcount
+        connections = conn.execute(
+            "DELETE FROM ws_connections WHERE connected_at < now() - make_interval(secs => %s)", (connection_max_s,)
+        ).rowcount
+    return tickets, connections

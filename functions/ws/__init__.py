@@ -1,0 +1,1 @@
+"""The WebSocket API's control Lambda (``handler.py``): $connect, $disconnect, attach, detach."""
