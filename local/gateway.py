@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+from local import web
 from local.lambda_context import LambdaContext
 from tmuxi.routes import (
     AUTHORIZER,
@@ -523,6 +524,9 @@ class LocalGateway:
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         if len(path) > 1 and path[-1] == "/":  # API Gateway ignores a trailing slash
             path = path.rstrip("/") or "/"
+        if web.wants(method, path):  # the web terminal's static pages (local/web.py), not an API route
+            await web.serve(scope, path, send)
+            return
         matched = self.table.match(method, path)
         if matched is None:
             await self._gateway_response(send, "MISSING_AUTHENTICATION_TOKEN", request_id)

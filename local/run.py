@@ -1,7 +1,7 @@
 """``make run``: start the whole system locally and keep it running until Ctrl-C (SIGINT) or SIGTERM.
 
 Every ``TMUXI_*`` variable set in its environment reaches the services (README "Configuration"). While it runs,
-a tmux host or the gateway that exits is restarted (``LocalStack.supervise``); one that keeps failing is given up
+a tmux host or a gateway that exits is restarted (``LocalStack.supervise``); one that keeps failing is given up
 on, said loudly, and makes the exit status 1."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from local.stack import ROOT, LocalStack
-from tmuxi.settings import env_name
+from tmuxi.settings import Settings, env_name
 
 
 def _dev_credentials(path: Path) -> dict[str, str]:
@@ -33,6 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Run the tmux integration system locally.")
     ap.add_argument("--port", type=int, default=None,
                     help=f"gateway port (default: {env_name('gateway_port')}, else 8080)")
+    ap.add_argument("--ws-port", type=int, default=None,
+                    help=f"WebSocket API port (default: {env_name('gateway_ws_port')}, else 8081)")
     ap.add_argument("--hosts", type=int, default=2, help="number of tmux hosts (default 2)")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help=f"local state (default: {env_name('data_dir')}, else ./.data)")
@@ -43,8 +45,10 @@ def main() -> int:
     args = ap.parse_args()
 
     data_dir = args.data_dir or Path(os.environ.get(env_name("data_dir")) or ROOT / ".data")
+    ws_port = args.ws_port if args.ws_port is not None else int(
+        os.environ.get(env_name("gateway_ws_port")) or Settings.model_fields["gateway_ws_port"].default)
     stack = LocalStack(data_dir=data_dir, hosts=args.hosts, database_url=args.database_url,
-                       gateway_port=args.port)
+                       gateway_port=args.port, gateway_ws_port=ws_port)
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -68,9 +72,11 @@ def main() -> int:
 tmux integration system running
   REST API (local API Gateway): {url}
   OpenAPI document:             {url}/openapi.json
+  WebSocket API:                {stack.ws_url}?ticket=<from POST {url}/ws/tickets> (docs/websocket.md)
+  its @connections and metrics: {stack.ws_gateway_url}
   tmux hosts:                   {', '.join(f'{h} {stack.host_url(h)}' for h in stack.host_ports)}
   logs:                         {stack.log_dir}
-  (a host or the gateway that exits is restarted; see the [stack] supervisor lines)
+  (a host or a gateway that exits is restarted; see the [stack] supervisor lines)
 
 Log in as the development user (credentials in {creds_file}, mode 0600):
   TOKEN=$(curl -s {url}/auth/token -H 'content-type: application/json' -d @{creds_file} \\

@@ -64,7 +64,9 @@ class Scheduler:
 def schedules() -> list[Schedule]:
     from tmuxi.settings import get_settings
 
-    return [Schedule("reconcile", get_settings().reconcile_interval_s, {"task": "reconcile"})]
+    interval = get_settings().reconcile_interval_s
+    return [Schedule("reconcile", interval, {"task": "reconcile"}),
+            Schedule("prune_live", max(interval, 600.0), {"task": "prune_live"})]
 
 
 def main() -> None:

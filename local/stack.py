@@ -1,22 +1,30 @@
 """The whole system on one machine: PostgreSQL (embedded unless a URL is given), redis-server on a free port,
-N tmux hosts and the local API gateway, each a real process. Used by ``make run`` and by the test fixtures.
+N tmux hosts, the local API gateway (REST) and the local WebSocket API (``local/ws_gateway.py``), each a real
+process. Used by ``make run`` and by the test fixtures.
 
 Settings: every ``TMUXI_*`` variable in the environment reaches every service. The stack fills in only what is
 left unset (database and Redis URLs of the ones it starts, generated secrets, data dir, gateway port...); a given
 ``TMUXI_DATABASE_URL`` / ``TMUXI_REDIS_URL`` means that dependency is not started. The constructor's explicit
-arguments (``database_url``, ``redis``, ``socket_dir``, ``gateway_port``, ``environment``, ``extra_env``) win
-over the environment.
+arguments (``database_url``, ``redis``, ``socket_dir``, ``gateway_port``, ``gateway_ws_port``, ``environment``,
+``extra_env``) win over the environment.
+
+The WebSocket API plays API Gateway's: it posts ``$default`` messages to the hosts (TMUXI_GATEWAY_WS_TARGETS) and
+the hosts post output to its Management API (TMUXI_WS_MANAGEMENT_ENDPOINT), which takes only requests SigV4-signed
+with the stack's own AWS credentials: generated once (``secrets.json``) and given as AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION to the gateways and the hosts (``aws_env``), in place of any the
+environment holds.
 
 What it writes is private: the data dir is 0711 (the embedded PostgreSQL's system user traverses it), the logs
 0700 / 0600, ``secrets.json`` 0600.
 
-Supervision (``supervise()``, started by ``local.run``): a thread notices a tmux host or the gateway exiting
-unexpectedly, kills what is left of its process group (each service is started as a group of its own: the
-gateway's uvicorn workers, a host's helpers), and starts it again after a backoff that doubles each time; a
-restart counts only once the new process itself listens on the service's port (never a leftover or another
-program answering there). After ``max_failures`` exits or failed restarts within ``failure_window_s`` it gives
-up on that process: said loudly, recorded in ``failed``, never retried. Every step is one ``[stack]
-supervisor`` line of ``key=value`` fields (process, pid, exit_code / signal, status, action, duration_ms)."""
+Supervision (``supervise()``, started by ``local.run``): a thread notices a tmux host or a gateway (REST:
+``gateway``, WebSocket: ``ws-gateway``) exiting unexpectedly, kills what is left of its process group (each
+service is started as a group of its own: the gateway's uvicorn workers, a host's helpers), and starts it again
+after a backoff that doubles each time; a restart counts only once the new process itself listens on the
+service's port (never a leftover or another program answering there). After ``max_failures`` exits or failed
+restarts within ``failure_window_s`` it gives up on that process: said loudly, recorded in ``failed``, never
+retried. Every step is one ``[stack] supervisor`` line of ``key=value`` fields (process, pid, exit_code /
+signal, status, action, duration_ms)."""
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +56,9 @@ from tmuxi.settings import env_name
 ROOT = Path(__file__).resolve().parent.parent
 
 # what secrets.json holds: generated once, kept 0600 under the data dir (never in code, logs or command lines)
-_SECRETS = ("jwt_secret", "host_secret", "postgres_password", "redis_password")
+_SECRETS = ("jwt_secret", "host_secret", "postgres_password", "redis_password", "aws_access_key_id",
+            "aws_secret_access_key")
+_KEY_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
 def _log(msg: str) -> None:
@@ -99,10 +109,20 @@ def _secret_file(path: Path) -> dict[str, str]:
     missing = [k for k in _SECRETS if not data.get(k)]
     if missing:
         for k in missing:
-            data[k] = new_password() if k.endswith("_password") else secrets.token_urlsafe(48)
+            data[k] = _new_secret(k)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_private_file(path, json.dumps(data))
     return data
+
+
+def _new_secret(name: str) -> str:
+    if name.endswith("_password"):
+        return new_password()
+    if name == "aws_access_key_id":  # shaped like AWS's (AKIA + 16), so no client takes it for something else
+        return "AKIA" + "".join(secrets.choice(_KEY_ID_ALPHABET) for _ in range(16))
+    if name == "aws_secret_access_key":
+        return secrets.token_urlsafe(30)  # 40 characters, as AWS's
+    return secrets.token_urlsafe(48)
 
 
 def stack_secrets(data_dir: Path) -> dict[str, str]:
@@ -122,6 +142,8 @@ class LocalStack:
     database_url: str | None = None  # None: TMUXI_DATABASE_URL, else an embedded PostgreSQL
     socket_dir: Path | None = None  # None: TMUXI_SOCKET_DIR, else the hosts' default
     gateway_port: int | None = None  # None: TMUXI_GATEWAY_PORT, else 8080
+    # None: TMUXI_GATEWAY_WS_PORT, else a free port (`make run` passes the settings' 8081)
+    gateway_ws_port: int | None = None
     environment: str | None = None  # None: TMUXI_ENVIRONMENT, else development
     extra_env: dict[str, str] = field(default_factory=dict)  # given to every service, over everything else
     log_dir: Path | None = None
@@ -132,8 +154,11 @@ class LocalStack:
     host_procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     host_ports: dict[str, int] = field(default_factory=dict)
     gateway_proc: subprocess.Popen[bytes] | None = None
+    ws_gateway_proc: subprocess.Popen[bytes] | None = None  # the local WebSocket API (local/ws_gateway.py)
     scheduler_proc: subprocess.Popen[bytes] | None = None  # the local EventBridge (local/scheduler.py)
     env: dict[str, str] = field(default_factory=dict)  # the TMUXI_* settings the services get
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION: the local AWS the gateways and hosts use
+    aws_env: dict[str, str] = field(default_factory=dict)
     # supervision (supervise()): the wait before a restart doubles from restart_backoff_s[0] up to
     # restart_backoff_s[1]; max_failures exits or failed restarts within failure_window_s and it gives up
     max_failures: int = 5
@@ -152,10 +177,23 @@ class LocalStack:
     def __post_init__(self) -> None:
         if self.gateway_port is None:
             self.gateway_port = int(_set(os.environ, "gateway_port") or 8080)
+        if self.gateway_ws_port is None:
+            given = _set(os.environ, "gateway_ws_port")
+            self.gateway_ws_port = int(given) if given else free_port()
 
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def ws_gateway_url(self) -> str:
+        """The WebSocket API's HTTP side: its Management API endpoint (``@connections``), /health, /metrics."""
+        return f"http://127.0.0.1:{self.gateway_ws_port}"
+
+    @property
+    def ws_url(self) -> str:
+        """Where clients open WebSockets (with ``?ticket=...``)."""
+        return f"ws://127.0.0.1:{self.gateway_ws_port}/ws"
 
     def host_url(self, host_id: str) -> str:
         return f"http://127.0.0.1:{self.host_ports[host_id]}"
@@ -210,12 +248,20 @@ class LocalStack:
         env[env_name("redis_url")] = redis_url
         env[env_name("data_dir")] = str(self.data_dir)
         env[env_name("gateway_port")] = str(self.gateway_port)
+        env[env_name("gateway_ws_port")] = str(self.gateway_ws_port)
+        env[env_name("ws_management_endpoint")] = self.ws_gateway_url  # where the hosts post output
         if self.environment is not None:
             env[env_name("environment")] = self.environment
         if self.socket_dir is not None:
             env[env_name("socket_dir")] = str(self.socket_dir)
         env.update(self.extra_env)
         self.env = env
+        from tmuxi.settings import Settings
+
+        self.aws_env = {"AWS_ACCESS_KEY_ID": sec["aws_access_key_id"],
+                        "AWS_SECRET_ACCESS_KEY": sec["aws_secret_access_key"],
+                        "AWS_DEFAULT_REGION": env.get(env_name("aws_region")) or _set(given, "aws_region")
+                        or str(Settings.model_fields["aws_region"].default)}
         # this process creates users and runs migrations through the same settings (until stop())
         for k, v in env.items():
             self._saved_environ.setdefault(k, os.environ.get(k))
@@ -226,15 +272,21 @@ class LocalStack:
         _log(f"database migrated (applied {applied or 'nothing new'})")
         for i in range(1, self.hosts + 1):
             self.start_host(f"host-{i}")
+        self.start_ws_gateway()
         self.start_gateway()
         self.wait_ready()
         self.start_scheduler()
         _log(f"stack ready in {time.monotonic() - t0:.1f}s")
         return self
 
-    def _child_env(self, **more: str) -> dict[str, str]:
+    def _child_env(self, aws: bool = False, **more: str) -> dict[str, str]:
+        """The environment of a service; ``aws``: with the stack's AWS credentials (and none of the caller's)."""
         env = dict(self._inherited or os.environ)
         env.update(self.env)
+        if aws:
+            for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CREDENTIAL_EXPIRATION"):
+                env.pop(name, None)
+            env.update(self.aws_env)
         env.update(more)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "layers"), str(ROOT)])
         return env
@@ -269,6 +321,12 @@ class LocalStack:
             self._forget("gateway")
             self._launch_gateway()
 
+    def start_ws_gateway(self) -> None:
+        """Start (or start again) the WebSocket API; its ``$default`` targets are the hosts known now."""
+        with self._lock:
+            self._forget("ws-gateway")
+            self._launch_ws_gateway()
+
     def start_scheduler(self) -> None:
         with self._lock:
             self._forget("scheduler")
@@ -295,7 +353,7 @@ class LocalStack:
         _log(f"starting tmux host {host_id} on 127.0.0.1:{port} ...")
         proc = self.host_procs[host_id] = self._spawn(
             [sys.executable, "-m", "tmux_host"], f"{host_id}.log",
-            self._child_env(**{env_name("host_id"): host_id, env_name("host_port"): str(port)}),
+            self._child_env(aws=True, **{env_name("host_id"): host_id, env_name("host_port"): str(port)}),
         )
         self._wait_serving(proc, port, f"tmux host {host_id}", f"{host_id}.log", abort)
 
@@ -310,10 +368,21 @@ class LocalStack:
              "--timeout-keep-alive", str(KEEP_ALIVE_TIMEOUT_S),
              "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
              "--workers", str(self._gateway_workers())],
-            "gateway.log", self._child_env(),
+            "gateway.log", self._child_env(aws=True),
         )
         assert self.gateway_port is not None
         self._wait_serving(proc, self.gateway_port, "the gateway", "gateway.log", abort)
+
+    def _launch_ws_gateway(self, abort: threading.Event | None = None) -> None:
+        """The WebSocket API: one process (it holds every connection), ``$default`` to the hosts in turn."""
+        assert self.gateway_ws_port is not None
+        _log(f"starting the local WebSocket API on {self.ws_url} ...")
+        targets = ",".join(self.host_url(h) for h in sorted(self.host_ports))
+        proc = self.ws_gateway_proc = self._spawn(
+            [sys.executable, "-m", "local.ws_gateway", "--host", "127.0.0.1", "--port", str(self.gateway_ws_port)],
+            "ws-gateway.log", self._child_env(aws=True, **{env_name("gateway_ws_targets"): targets}),
+        )
+        self._wait_serving(proc, self.gateway_ws_port, "the WebSocket gateway", "ws-gateway.log", abort)
 
     def _wait_serving(self, proc: subprocess.Popen[bytes], port: int, what: str, log_name: str,
                       abort: threading.Event | None = None, timeout_s: float = 30.0) -> None:
@@ -337,10 +406,10 @@ class LocalStack:
     def _gateway_workers(self) -> int:
         from tmuxi.settings import Settings
 
-        return Settings().resolved_gateway_workers  # this process's environment now holds the stack's
+        return int(Settings().resolved_gateway_workers)  # this process's environment now holds the stack's
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Until every host has heartbeated and the gateway's /health says ok."""
+        """Until every host has heartbeated and the gateways' /health say ok."""
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
@@ -349,7 +418,10 @@ class LocalStack:
                 last = r.text
                 body = r.json()
                 if body.get("status") == "ok" and body["checks"].get("hosts") == f"{self.hosts} live":
-                    return
+                    r = httpx.get(self.ws_gateway_url + "/health", timeout=2)
+                    last = f"WebSocket gateway: {r.text}"
+                    if r.json().get("status") == "ok":
+                        return
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.1)
@@ -391,6 +463,8 @@ class LocalStack:
         procs = dict(self.host_procs)
         if self.gateway_proc is not None:
             procs["gateway"] = self.gateway_proc
+        if self.ws_gateway_proc is not None:
+            procs["ws-gateway"] = self.ws_gateway_proc
         if self.scheduler_proc is not None:
             procs["scheduler"] = self.scheduler_proc
         return procs
@@ -410,6 +484,9 @@ class LocalStack:
     def _unregister(self, name: str) -> subprocess.Popen[bytes] | None:
         if name == "gateway":
             proc, self.gateway_proc = self.gateway_proc, None
+            return proc
+        if name == "ws-gateway":
+            proc, self.ws_gateway_proc = self.ws_gateway_proc, None
             return proc
         if name == "scheduler":
             proc, self.scheduler_proc = self.scheduler_proc, None
@@ -449,6 +526,8 @@ class LocalStack:
         try:
             if name == "gateway":
                 self._launch_gateway(abort=self._supervise_stop)
+            elif name == "ws-gateway":
+                self._launch_ws_gateway(abort=self._supervise_stop)
             elif name == "scheduler":
                 self._launch_scheduler(abort=self._supervise_stop)
             else:
@@ -482,6 +561,9 @@ class LocalStack:
         if self.gateway_proc is not None:
             _stop_proc(self.gateway_proc, signal.SIGTERM)
             self.gateway_proc = None
+        if self.ws_gateway_proc is not None:
+            _stop_proc(self.ws_gateway_proc, signal.SIGTERM)
+            self.ws_gateway_proc = None
         for host_id in list(self.host_procs):
             self.stop_host(host_id)
         if kill_tmux:

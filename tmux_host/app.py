@@ -248,7 +248,10 @@ async def ws_message(request: Request) -> Response:
     body = await request.body()
     if len(body) > WS_MAX_MESSAGE_BYTES:
         raise errors.PayloadTooLarge(f"message is over {WS_MAX_MESSAGE_BYTES} bytes")
-    await _engine(request).live.message(connection_id, body, forwarded=request.headers.get(FORWARDED_HEADER) == "1")
+    served = await _engine(request).live.message(connection_id, body,
+                                                 forwarded=request.headers.get(FORWARDED_HEADER) == "1")
+    if not served:
+        raise errors.Conflict("this host holds no viewer for the connection")  # 409: the forwarder looks again
     return Response(status_code=202)
 
 

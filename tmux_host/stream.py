@@ -336,20 +336,26 @@ class Live:
             await self._forwarder.aclose()
 
     # --- messages from clients ($default) -----------------------------------------------------------------
-    async def message(self, connection_id: str, body: bytes, *, forwarded: bool = False) -> None:
+    async def message(self, connection_id: str, body: bytes, *, forwarded: bool = False) -> bool:
+        """Serve one message. False: it was forwarded here, but its connection has no viewer here (any more)."""
         WS_RECEIVED.labels(component="host").inc()
         started = time.perf_counter()
         v = self.viewers.get(connection_id)
         if v is None:
-            if not forwarded and await self._forward(connection_id, body):
-                return
+            if forwarded:
+                return False  # the forwarding host looks again
+            if await self._forward(connection_id, body):
+                return True
             # validate before saying "not attached": a bad frame is a bad frame wherever it lands
             try:
-                parse_message(body)
-                self._post_soon(connection_id, _error("not_attached", "attach to a session first"))
+                msg = parse_message(body)
+                if msg["action"] == "ping":  # a connection may ping before it attaches (keep-alive)
+                    self._post_soon(connection_id, _msg(type="pong", id=msg.get("id")))
+                else:
+                    self._post_soon(connection_id, _error("not_attached", "attach to a session first"))
             except MessageError as exc:
                 self._post_soon(connection_id, _error(exc.code, exc.message))
-            return
+            return True
         try:
             msg = parse_message(body)
             action = msg["action"]
@@ -366,13 +372,22 @@ class Live:
         except errors.AppError as exc:
             v.send(_error("unavailable" if exc.status >= 500 else "invalid", exc.message))
         WS_LATENCY.labels(component="host", operation="message").observe(time.perf_counter() - started)
+        return True
 
     async def _forward(self, connection_id: str, body: bytes) -> bool:
         """Send a message for a connection attached on another host to that host. False: it is attached nowhere
-        (or here: a stale record)."""
-        target = await self._target(connection_id)
-        if target is None or target[0] == self.settings.host_id:
-            return False
+        (or here: a stale record). Where a connection is attached is cached for TARGET_TTL_S; a host that no
+        longer holds it answers 409 and the record is read again."""
+        for fresh in (False, True):
+            target = await self._target(connection_id, fresh=fresh)
+            if target is None or target[0] == self.settings.host_id:
+                return False
+            status = await self._forward_to(target, connection_id, body)
+            if status != 409:
+                return True
+        return False
+
+    async def _forward_to(self, target: tuple[str, str], connection_id: str, body: bytes) -> int:
         import httpx
 
         from tmuxi.host_client import SECRET_HEADER
@@ -389,15 +404,15 @@ class Live:
             self._targets.pop(connection_id, None)
             logger.warning("could not forward a WebSocket message", extra={"host_id": target[0], "error": str(exc)})
             self._post_soon(connection_id, _error("unavailable", "the session's host is not reachable; retry"))
-            return True
+            return 503
         if resp.status_code >= 400:
             self._targets.pop(connection_id, None)
-        return True
+        return int(resp.status_code)
 
-    async def _target(self, connection_id: str) -> tuple[str, str] | None:
+    async def _target(self, connection_id: str, *, fresh: bool = False) -> tuple[str, str] | None:
         cached = self._targets.get(connection_id)
         now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and not fresh:
             return cached[1]
         if self.find_connection is None:
             return None
@@ -405,6 +420,9 @@ class Live:
             target = await asyncio.to_thread(self.find_connection, connection_id)
         except Exception as exc:
             logger.warning("connection lookup failed", extra={"error": str(exc)[:200]})
+            return None
+        if target is None:  # not attached (yet): not cached, an attach may come any moment
+            self._targets.pop(connection_id, None)
             return None
         if len(self._targets) > 10_000:
             self._targets.clear()

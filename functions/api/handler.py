@@ -6,7 +6,10 @@ every invocation the execution environment serves.
 from __future__ import annotations
 
 from mangum import Mangum
+from mangum.adapter import DEFAULT_TEXT_MIME_TYPES
 
 from functions.api.app import app
 
-handler = Mangum(app, lifespan="off")
+# Recordings (asciicast v2) are UTF-8 text: sent as text, not base64 (which would take a 5 MB one past Lambda's 6 MB
+# response limit)
+handler = Mangum(app, lifespan="off", text_mime_types=[*DEFAULT_TEXT_MIME_TYPES, "application/x-asciicast"])

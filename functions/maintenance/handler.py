@@ -4,6 +4,8 @@ the task, ``{"task": "reconcile"}``; locally the stack's scheduler does the same
 Tasks:
   reconcile   sessions on hosts that stopped heartbeating become lost; creates and deletes left half-done are
               finished or rolled back (services/sessions.py ``reconcile``).
+  prune_live  WebSocket connect tickets past use, and connection records whose $disconnect never came
+              (services/live.py ``prune``).
 
 A task that fails raises: the invocation is an error, which CloudWatch counts and alarms on, and the next
 schedule tries again.
@@ -15,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tmuxi.observability import logger
-from tmuxi.services import sessions
+from tmuxi.services import live, sessions
 
-TASKS: dict[str, Callable[[], dict[str, int]]] = {"reconcile": sessions.reconcile}
+TASKS: dict[str, Callable[[], dict[str, int]]] = {"reconcile": sessions.reconcile, "prune_live": live.prune}
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def local_run(settings: dict[str, str], hosts: int = 2) -> Iterator[Run]:
     port = free_port()
     data = base / "data"
     log = base / "run.log"
-    argv = [sys.executable, "-m", "local.run", "--port", str(port), "--data-dir", str(data), "--hosts", str(hosts)]
+    argv = [sys.executable, "-m", "local.run", "--port", str(port), "--ws-port", str(free_port()), "--data-dir",
+            str(data), "--hosts", str(hosts)]
     env = _child_env({"TMUXI_SOCKET_DIR": str(sockets), **settings})
     with open(log, "wb") as out:
         bash = subprocess.Popen(["bash", "-c", f"{shlex.join(argv)} & wait $!"], env=env, cwd=ROOT,
