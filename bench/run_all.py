@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not for reporting)")
-    ap.add_argument("--only", default="", help="comma-separated names: host, create, gateway, scale (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated names: host, create, gateway, scale, ws (default: all)")
     args = ap.parse_args()
     q = args.quick
     runs = [
@@ -34,6 +34,8 @@ def main() -> int:
           *(["--duration", "3", "--rounds", "1"] if q else [])]),
         ("scale", "2,000 live sessions over two hosts vs 10: create, exec, input, screen",
          ["bench/bench_scale.py", *(["--quick"] if q else [])]),
+        ("ws", "live terminals over WebSocket: keystroke to echo vs a bare echo server, throughput, a stalled viewer",
+         ["bench/bench_ws.py", *(["--quick"] if q else [])]),
     ]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {name for name, _, _ in runs}

@@ -142,7 +142,7 @@ class LocalStack:
     database_url: str | None = None  # None: TMUXI_DATABASE_URL, else an embedded PostgreSQL
     socket_dir: Path | None = None  # None: TMUXI_SOCKET_DIR, else the hosts' default
     gateway_port: int | None = None  # None: TMUXI_GATEWAY_PORT, else 8080
-    # None: TMUXI_GATEWAY_WS_PORT, else a free port (`make run` passes the settings' 8081)
+    # None: a free port (`make run` passes TMUXI_GATEWAY_WS_PORT, else the settings' 8081)
     gateway_ws_port: int | None = None
     environment: str | None = None  # None: TMUXI_ENVIRONMENT, else development
     extra_env: dict[str, str] = field(default_factory=dict)  # given to every service, over everything else
@@ -177,9 +177,8 @@ class LocalStack:
     def __post_init__(self) -> None:
         if self.gateway_port is None:
             self.gateway_port = int(_set(os.environ, "gateway_port") or 8080)
-        if self.gateway_ws_port is None:
-            given = _set(os.environ, "gateway_ws_port")
-            self.gateway_ws_port = int(given) if given else free_port()
+        if self.gateway_ws_port is None:  # (not from the environment: a stack started earlier in this process
+            self.gateway_ws_port = free_port()  # exports its own settings there; `make run` passes the port)
 
     @property
     def gateway_url(self) -> str:

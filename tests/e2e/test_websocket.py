@@ -159,7 +159,8 @@ async def test_bad_messages_get_clear_errors_and_leave_others_untouched(stack: S
     assert b"before-attach" not in watcher.text() and b"read-only-typed" not in watcher.text()
     with pytest.raises(ConnectionClosed) as closed:  # over API Gateway's 128 KB message limit
         await t.ws.send("x" * (130 * 1024))
-        await t.ws.recv()
+        while True:  # (messages already on their way come first)
+            await asyncio.wait_for(t.ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     await watcher.send(action="ping", id="p1")
     assert (await watcher.next("pong"))["id"] == "p1"
@@ -205,3 +206,45 @@ async def test_deleting_the_session_detaches_viewers_and_finishes_its_recording(
     assert json.loads(lines[0])["version"] == 2
     assert f"rec-{marker}" in "".join(json.loads(line)[2] for line in lines[1:] if json.loads(line)[1] == "o")
     await term.ws.close()
+
+
+def test_the_example_client_relays_a_terminal(stack: StackHandle) -> None:
+    """examples/ws_client.py, run as a person would, in a terminal (a pty): type, see the output, detach."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    name, _ = stack.new_user()
+    root = Path(__file__).resolve().parents[2]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "examples" / "ws_client.py"), "--api", stack.gateway_url, "--ws",
+         stack.stack.ws_url, "--user", name],
+        stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+        env={**os.environ, "TMUXI_PASSWORD": "pw-" + name})
+    os.close(follower)
+    seen = b""
+
+    def read_until(needle: bytes, timeout: float = 20.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while needle not in seen:
+            assert time.monotonic() < deadline, f"{needle!r} never shown: {seen[-500:]!r}"
+            if select.select([leader], [], [], 0.1)[0]:
+                seen += os.read(leader, 65536)
+
+    try:
+        read_until(b"created session")
+        time.sleep(0.5)  # the shell's prompt
+        os.write(leader, b"echo example-$((8*8))\r")
+        read_until(b"example-64")
+        os.write(leader, b"\x1d")  # Ctrl-]: detach
+        assert proc.wait(timeout=10) == 0
+        read_until(b"keeps running")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
