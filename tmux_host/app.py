@@ -119,6 +119,11 @@ def sid(request: Request) -> UUID:
         raise errors.NotFound("unknown session") from None
 
 
+# Not logged one line each: probes, and WebSocket messages (every keystroke; counted in the metrics, and logged
+# when refused)
+_UNLOGGED = frozenset({"/health", "/metrics", WS_HOST_MESSAGE_PATH})
+
+
 def endpoint(template: str, handler: Handler, *, auth: bool = True) -> Handler:
     """Auth, error mapping, metrics (route template label, never an id) and one structured log line."""
 
@@ -145,7 +150,7 @@ def endpoint(template: str, handler: Handler, *, auth: bool = True) -> Handler:
             status = str(response.status_code)
             REQUEST_DURATION.labels(component="host", route=template, status=status).observe(elapsed)
             REQUESTS.labels(component="host", route=template, status=status).inc()
-            if template not in ("/health", "/metrics"):
+            if template not in _UNLOGGED or response.status_code >= 400:
                 logger.info("request", extra={"method": request.method, "route": template,
                                               "status": response.status_code, "duration": round(elapsed * 1000, 3),
                                               "request_id_replaced": True if replaced else None})
