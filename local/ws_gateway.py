@@ -62,6 +62,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp  # at start, not on the first keystroke (importing it takes ~1 s)
+
 from local.gateway import (
     DEFAULT_ACCOUNT,
     DEFAULT_API_ID,
@@ -481,8 +483,6 @@ class LocalWsGateway:
     def _http_client(self) -> Any:
         """aiohttp: a keystroke's hop to a host costs ~0.3 ms with it, ~0.6 ms with httpx (measured here)."""
         if self._client is None:
-            import aiohttp
-
             self._client = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.integration_timeout_s, connect=CONNECT_TIMEOUT_S),
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=TARGET_KEEPALIVE_S),
@@ -733,8 +733,6 @@ class LocalWsGateway:
         """``$default``: POST the frame to the hosts in turn; the next one only when a host cannot be connected
         to (a request that was sent is never sent again: a keystroke must not arrive twice). False: no host
         answered."""
-        import aiohttp
-
         n = len(self.targets)
         if not n:
             return False

@@ -30,11 +30,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import aiohttp  # at start: importing it takes ~1 s, which the first forwarded keystroke would otherwise wait
 import orjson
 
 from tmuxi import errors, gateway_client
 from tmuxi.gateway_client import ConnectionGone, DeliveryFailed, Throttled
+from tmuxi.host_client import SECRET_HEADER
 from tmuxi.observability import WS_BYTES, WS_CONNECTIONS, WS_ERRORS, WS_LATENCY, WS_RECEIVED, WS_SENT, logger
+from tmuxi.routes import WS_CONNECTION_HEADER, WS_HOST_MESSAGE_PATH
 from tmuxi.settings import Settings
 
 if TYPE_CHECKING:
@@ -395,11 +398,6 @@ class Live:
         return False
 
     async def _forward_to(self, target: tuple[str, str], connection_id: str, body: bytes) -> int:
-        import aiohttp
-
-        from tmuxi.host_client import SECRET_HEADER
-        from tmuxi.routes import WS_CONNECTION_HEADER, WS_HOST_MESSAGE_PATH
-
         if self._forwarder is None:  # aiohttp: ~0.3 ms a hop here, httpx ~0.6 ms (a forwarded keystroke pays it)
             self._forwarder = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.host_timeout_s))
         try:
