@@ -7,8 +7,8 @@
 2. Output throughput to one attached client: ``cat`` of a large file in the session; bytes the client decoded per
    second, beside the same ``cat`` in a plain tmux server nobody watches (what tmux itself manages).
 3. One stalled viewer (a client that stops reading) on a session that floods, while another session floods with a
-   live viewer, for ``--stall-seconds``: the streaming session's throughput beside the same run without the
-   stalled viewer, and the growth of the hosts' memory (RSS).
+   live viewer, for ``--stall-seconds`` in all (two halves): the streaming session's throughput beside as long
+   without the stalled viewer, the two alternating, and the growth of the hosts' memory (RSS).
 
     python bench/bench_ws.py [--keys 2000] [--mb 100] [--stall-seconds 60] [--quick]
 """
@@ -278,11 +278,22 @@ def bench_stall(client: Client, stalled_client: Client, seconds: float) -> dict[
         return {"streaming_MBps": round(mbps, 1), "hosts_rss_before_mb": round(before, 1),
                 "hosts_rss_peak_mb": round(peak, 1), "hosts_rss_growth_mb": round(peak - before, 1)}
 
-    base = asyncio.run(phase(False))
-    stall = asyncio.run(phase(True))
+    # alternating halves (without, with, without, with): the machine's drift over minutes falls on both alike
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for with_stall in (False, True, False, True):
+        runs[with_stall].append(asyncio.run(phase(with_stall)))
     for c, sid in ((client, streaming), (stalled_client, stalled)):
         c.api.post(f"/sessions/{sid}/input", headers=c.h, json={"keys": ["C-c"]})
-    return {"seconds": seconds, "without_stalled_viewer": base, "with_stalled_viewer": stall,
+
+    def merged(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"streaming_MBps": round(sum(r["streaming_MBps"] for r in rs) / len(rs), 2),
+                "rounds_MBps": [r["streaming_MBps"] for r in rs],
+                "hosts_rss_before_mb": rs[0]["hosts_rss_before_mb"],
+                "hosts_rss_peak_mb": max(r["hosts_rss_peak_mb"] for r in rs),
+                "hosts_rss_growth_mb": round(max(r["hosts_rss_peak_mb"] for r in rs) - rs[0]["hosts_rss_before_mb"], 1)}
+
+    base, stall = merged(runs[False]), merged(runs[True])
+    return {"seconds": 2 * seconds, "without_stalled_viewer": base, "with_stalled_viewer": stall,
             "throughput_ratio": round(stall["streaming_MBps"] / base["streaming_MBps"], 3)}
 
 
@@ -306,8 +317,8 @@ def main() -> None:
         results["keystroke_echo"] = bench_keys(client, args.keys)
         log("throughput ...")
         results["throughput"] = bench_throughput(client, args.mb)
-        log(f"stalled viewer ({2 * args.stall_seconds:.0f} s) ...")
-        results["stalled_viewer"] = bench_stall(client, other, args.stall_seconds)
+        log(f"stalled viewer ({2 * args.stall_seconds:.0f} s: {args.stall_seconds:.0f} s with, as long without) ...")
+        results["stalled_viewer"] = bench_stall(client, other, args.stall_seconds / 2)
     k, th, st = results["keystroke_echo"], results["throughput"], results["stalled_viewer"]
     print(json.dumps(results, indent=2))
     print(f"keystroke->echo through the stack p50 {k['stack']['p50_ms']} ms p95 {k['stack']['p95_ms']} p99 "
