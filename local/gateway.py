@@ -1000,46 +1000,61 @@ def serve(host: str | None = None, port: int | None = None, **gateway_kwargs: An
     uvicorn.Server(config).run()
 
 
-class BackgroundGateway:
-    """The gateway served by uvicorn in a daemon thread (tests, benchmarks). ``port=0`` picks a free port."""
+class BackgroundServer:
+    """An ASGI app served by uvicorn in a daemon thread (tests, benchmarks). ``port=0`` picks a free port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, uvicorn_options: dict[str, Any] | None = None,
-                 **gateway_kwargs: Any) -> None:
+    what = "the server"
+    thread_name = "background-server"
+
+    def __init__(self, app: Any, make_config: Callable[..., Any], host: str = "127.0.0.1", port: int = 0, *,
+                 uvicorn_options: dict[str, Any] | None = None) -> None:
         import uvicorn
 
-        self.app = create_gateway_app(**gateway_kwargs)
+        self.app = app
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        self.server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port, **(uvicorn_options or {})))
+        self.server = uvicorn.Server(make_config(self.app, self.host, self.port, **(uvicorn_options or {})))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                        name="local-gateway", daemon=True)
+                                        name=self.thread_name, daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 10.0) -> BackgroundGateway:
+    def start(self, timeout_s: float = 10.0) -> Any:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the local gateway did not start")
+                raise RuntimeError(f"{self.what} did not start")
             time.sleep(0.01)
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=15)
         with contextlib.suppress(OSError):
             self._sock.close()
 
-    def __enter__(self) -> BackgroundGateway:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BackgroundGateway(BackgroundServer):
+    """The gateway served by uvicorn in a daemon thread (tests, benchmarks)."""
+
+    what = "the local gateway"
+    thread_name = "local-gateway"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, uvicorn_options: dict[str, Any] | None = None,
+                 **gateway_kwargs: Any) -> None:
+        super().__init__(create_gateway_app(**gateway_kwargs), _uvicorn_config, host, port,
+                         uvicorn_options=uvicorn_options)
 
 
 def main() -> None:
@@ -1058,6 +1073,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "BackgroundGateway",
+    "BackgroundServer",
     "LocalGateway",
     "build_authorizer_event",
     "build_rest_event",

@@ -69,6 +69,7 @@ from local.gateway import (
     DEFAULT_API_ID,
     DEFAULT_STAGE,
     HTTP_PROTOCOL,
+    BackgroundServer,
     LambdaHandler,
     MalformedLambdaResponse,
     _init_worker_loop,
@@ -1025,52 +1026,21 @@ def serve(host: str | None = None, port: int | None = None, **gateway_kwargs: An
     uvicorn.Server(config).run()
 
 
-class BackgroundWsGateway:
+class BackgroundWsGateway(BackgroundServer):
     """The WebSocket gateway served by uvicorn in a daemon thread (tests, benchmarks). ``port=0`` picks a free
-    port."""
+    port. ``url`` is its HTTP URL (Management API endpoint, /health, /metrics)."""
+
+    what = "the local WebSocket gateway"
+    thread_name = "local-ws-gateway"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, uvicorn_options: dict[str, Any] | None = None,
                  **gateway_kwargs: Any) -> None:
-        import uvicorn
-
-        self.app = LocalWsGateway(**gateway_kwargs)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
-        self.server = uvicorn.Server(_uvicorn_config(self.app, self.host, self.port, **(uvicorn_options or {})))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                        name="local-ws-gateway", daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The HTTP URL (Management API endpoint, /health, /metrics)."""
-        return f"http://{self.host}:{self.port}"
+        super().__init__(LocalWsGateway(**gateway_kwargs), _uvicorn_config, host, port,
+                         uvicorn_options=uvicorn_options)
 
     @property
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}/ws"
-
-    def start(self, timeout_s: float = 10.0) -> BackgroundWsGateway:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the local WebSocket gateway did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-    def __enter__(self) -> BackgroundWsGateway:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:
