@@ -180,13 +180,7 @@ class Recorder:
                 if t < rec.last:
                     t = rec.last
                 rec.last = t
-                line = b'[%.6f, "o", %b]\n' % (t, orjson.dumps(text))
-                size = rec.size + len(line)
-                if size > rec.limit:
-                    self._truncate(rec, t)
-                    return
-                rec.size = size
-                rec.file.write(line)
+                self._write(rec, t, b'[%.6f, "o", %b]\n' % (t, orjson.dumps(text)))
             except Exception as exc:  # never into the host's output path
                 self._failed(rec, exc)
 
@@ -201,15 +195,18 @@ class Recorder:
                 rec.cols, rec.rows = cols, rows
                 t = max(self._clock() - rec.t0, rec.last)
                 rec.last = t
-                line = b'[%.6f, "r", "%dx%d"]\n' % (t, cols, rows)
-                size = rec.size + len(line)
-                if size > rec.limit:
-                    self._truncate(rec, t)
-                    return
-                rec.size = size
-                rec.file.write(line)
+                self._write(rec, t, b'[%.6f, "r", "%dx%d"]\n' % (t, cols, rows))
             except Exception as exc:
                 self._failed(rec, exc)
+
+    def _write(self, rec: _Recording, t: float, line: bytes) -> None:
+        """One event line, unless it would take the recording past its limit: then the truncation notice."""
+        size = rec.size + len(line)
+        if size > rec.limit:
+            self._truncate(rec, t)
+            return
+        rec.size = size
+        rec.file.write(line)
 
     def _truncate(self, rec: _Recording, t: float) -> None:
         """Called with rec.lock held."""
