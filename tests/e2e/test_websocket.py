@@ -248,3 +248,58 @@ def test_the_example_client_relays_a_terminal(stack: StackHandle) -> None:
         if proc.poll() is None:
             proc.kill()
         os.close(leader)
+
+
+async def test_a_hostile_shell_cannot_reach_another_users_viewers(stack: StackHandle) -> None:
+    """From inside a session's shell, as its user: posting to another user's WebSocket connection through the
+    Management API (even knowing its id) is refused, and sending messages as it to a host needs the host secret;
+    killing your own output client only costs your own viewers a fresh screen."""
+    from tmuxi.db.pool import connection
+
+    _, victim_h = stack.new_user()
+    _, attacker_h = stack.new_user()
+    victim_sid, attacker_sid = new_session(stack, victim_h), new_session(stack, attacker_h)
+    victim = await attached(stack, victim_h, victim_sid)
+    await victim.next("snapshot")
+    with connection() as conn:
+        row = conn.execute("SELECT id FROM ws_connections WHERE session_id = %s", (victim_sid,)).fetchone()
+    assert row is not None
+    cid = row["id"]
+    hosts = [stack.stack.host_url(h) for h in stack.stack.host_ports]
+    script = (
+        "import urllib.request, urllib.parse, sys\n"
+        "def post(url, data, headers={}):\n"
+        "    try:\n"
+        "        return urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers,"
+        " method='POST'), timeout=5).status\n"
+        "    except urllib.error.HTTPError as e:\n"
+        "        return e.code\n"
+        f"q = urllib.parse.quote({cid!r}, safe='')\n"
+        f"print('mgmt', post({stack.stack.ws_gateway_url!r} + '/@connections/' + q,"
+        " b'{\"type\":\"output\",\"seq\":0,\"data\":\"aGFja2Vk\"}'))\n"
+        f"for h in {hosts!r}:\n"
+        f"    print('host', post(h + '/v1/ws/message', b'{{\"action\":\"input\",\"data\":\"echo pwned\\\\r\"}}',"
+        f" {{'X-Tmuxi-Connection-Id': {cid!r}}}))\n"
+    )
+    r = stack.client.post(f"/sessions/{attacker_sid}/exec", headers=attacker_h,
+                          json={"command": f"python3 - <<'PY'\n{script}PY", "timeout_s": 15})
+    assert r.status_code == 200, r.text
+    out = r.json()["output"]
+    assert "mgmt 403" in out and out.count("host 401") == len(hosts), out
+    # the victim saw none of it, and still works
+    await victim.send(action="input", data="echo fine-$((4*4))\r")
+    await victim.wait_text(b"fine-16")
+    assert b"hacked" not in victim.text() and b"pwned" not in victim.text()
+    # the attacker kills its own output client: its own viewer gets a fresh screen, the victim's stream goes on
+    watcher = await attached(stack, attacker_h, attacker_sid)
+    await watcher.next("snapshot")
+    r = stack.client.post(f"/sessions/{attacker_sid}/exec", headers=attacker_h,
+                          json={"command": "pkill -f -- '-s _out' ; echo killed", "timeout_s": 10})
+    assert r.status_code == 200 and "killed" in r.json()["output"], r.text
+    await watcher.next("snapshot", timeout=15)  # resynced once the host restarted it
+    await watcher.send(action="input", data="echo back-$((5*5))\r")
+    await watcher.wait_text(b"back-25")
+    await victim.send(action="input", data="echo still-$((6*6))\r")
+    await victim.wait_text(b"still-36")
+    await victim.ws.close()
+    await watcher.ws.close()
