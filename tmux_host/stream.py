@@ -50,6 +50,8 @@ _RECEIVED = WS_RECEIVED.labels(component="host")
 _POST_LATENCY = WS_LATENCY.labels(component="host", operation="post")
 _MESSAGE_LATENCY = WS_LATENCY.labels(component="host", operation="message")
 
+# Replies (pong, errors) waiting for a viewer's delivery; more are dropped (a stalled client could ping forever).
+MAX_CONTROL_QUEUED = 64
 # A delivery failing for this long (endpoint down) drops the viewer; its client reconnects and resumes.
 DELIVERY_GIVE_UP_S = 60.0
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 1.0
@@ -127,6 +129,9 @@ class Viewer:
         self.task: asyncio.Task[None] | None = None
 
     def send(self, message: bytes) -> None:
+        if len(self.control) >= MAX_CONTROL_QUEUED:  # a client pinging a viewer that cannot deliver: drop, not grow
+            WS_ERRORS.labels(component="host", kind="control_dropped").inc()
+            return
         self.control.append(message)
         self.wake.set()
 

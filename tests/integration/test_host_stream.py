@@ -308,3 +308,17 @@ def test_a_pane_tmux_paused_is_resynced(host: Host, fake: FakeManagementApi, ses
     wait_for(lambda: len(fake.messages(c, "snapshot")) >= 2, timeout=15, what="a resync after the pause")
     assert fake.messages(c, "snapshot")[-1]["gap"] is True
     wait_for(lambda: b"tick-40" in fake.text(c), timeout=15, what="live output after the pause")
+
+
+def test_replies_to_a_client_that_cannot_take_them_are_bounded(host: Host, fake: FakeManagementApi,
+                                                                session: uuid.UUID) -> None:
+    c = cid()
+    host.attach(session, c)
+    wait_for(lambda: fake.messages(c, "snapshot"), what="snapshot")
+    fake.mode[c] = "throttle"  # its client takes nothing now, and keeps pinging
+    for i in range(200):
+        host.send(c, {"action": "ping", "id": i})
+    viewer = host.app.state.engine.live.viewers[c]
+    assert len(viewer.control) <= 64
+    fake.mode[c] = "ok"
+    wait_for(lambda: len(fake.messages(c, "pong")) >= 60, what="the pongs kept")
