@@ -35,7 +35,13 @@ from tmuxi import errors
 from tmuxi.host_client import REQUEST_ID_HEADER, SECRET_HEADER
 from tmuxi.models import KEY_NAME, ExecRequest, ResizeRequest
 from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger, request_context
-from tmuxi.routes import WS_CONNECTION_HEADER, WS_HOST_MESSAGE_PATH, WS_MAX_MESSAGE_BYTES
+from tmuxi.routes import (
+    WS_CONNECTION_HEADER,
+    WS_CONNECTION_ID,
+    WS_HOST_MESSAGE_PATH,
+    WS_MAX_MESSAGE_BYTES,
+    WS_STREAM_ID,
+)
 from tmuxi.settings import Settings, get_settings
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -54,9 +60,9 @@ class CreateSessionBody(_Body):
 
 
 class AttachViewerBody(_Body):
-    connection_id: str = Field(pattern=r"^[A-Za-z0-9_=+/-]{1,128}\z")
+    connection_id: str = Field(pattern=rf"^{WS_CONNECTION_ID}\z")
     read_only: bool = False
-    stream: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,32}\z")
+    stream: str | None = Field(default=None, pattern=rf"^{WS_STREAM_ID}\z")
     last_seq: int | None = Field(default=None, ge=0)
     share_id: UUID | None = None
     expires_at: float | None = None
@@ -68,7 +74,7 @@ class InputBody(_Body):
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_CONNECTION_ID = re.compile(r"[A-Za-z0-9_=+/-]{1,128}")
+_CONNECTION_ID = re.compile(WS_CONNECTION_ID)
 
 
 def request_id_of(given: str | None) -> tuple[str, bool]:

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tmuxi.routes import EXEC_TIMEOUT_MAX_S
+from tmuxi.routes import EXEC_TIMEOUT_MAX_S, WS_STREAM_ID
 
 # creating -> active -> (deleting -> deleted | exited | lost), or creating -> failed: migration 0006
 SessionState = Literal["creating", "active", "deleting", "deleted", "failed", "lost", "exited"]
@@ -241,7 +241,7 @@ class RecordingList(BaseModel):
 
 # WebSocket messages the ws function takes (the hosts take the others). Strict: a string is not a bool, a float
 # is not a sequence number; unknown fields are refused, so a misspelt ``read_only`` never attaches read-write.
-_STREAM = re.compile(r"[0-9a-f]{1,32}")  # how the hosts name their streams (tmux_host/app.py)
+_STREAM = re.compile(WS_STREAM_ID)
 
 
 class AttachRequest(BaseModel):

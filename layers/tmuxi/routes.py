@@ -180,6 +180,8 @@ WS_ROUTES: tuple[WsRoute, ...] = (
     WsRoute("$default", "host"),
 )
 WS_HOST_MESSAGE_PATH = "/v1/ws/message"  # where a host takes `$default` messages
+WS_CONNECTION_ID = r"[A-Za-z0-9_=+/-]{1,128}"  # what a connectionId may look like (API Gateway's are base64)
+WS_STREAM_ID = r"[0-9a-f]{1,32}"  # how hosts name a session's output stream (one per host run)
 WS_CONNECTION_HEADER = "X-Tmuxi-Connection-Id"  # integration request header: context.connectionId
 # API Gateway WebSocket limits (the local gateway enforces them too)
 WS_MAX_FRAME_BYTES = 32 * 1024

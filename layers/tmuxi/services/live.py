@@ -52,7 +52,7 @@ from tmuxi.models import (
     WsTicket,
 )
 from tmuxi.observability import AUTH_FAILURES, logger
-from tmuxi.routes import WS_MAX_CONNECTION_S
+from tmuxi.routes import WS_CONNECTION_ID, WS_MAX_CONNECTION_S
 from tmuxi.services import auth as auth_service
 from tmuxi.services import sessions as sessions_service
 from tmuxi.settings import get_settings
@@ -62,7 +62,7 @@ M = TypeVar("M", bound=BaseModel)
 _SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # what secrets.token_urlsafe(32) makes
 # API Gateway's connection ids are 16 characters of base64 (the local gateway makes them alike); the hosts take
 # no others (tmux_host/app.py).
-_CONNECTION_ID = re.compile(r"[A-Za-z0-9_=+/-]{1,128}")
+_CONNECTION_ID = re.compile(WS_CONNECTION_ID)
 _BAD_TICKET = "missing, unknown, expired or already used ticket: get a new one (POST /ws/tickets)"
 _NO_SHARE = "no such share: the token is unknown, expired or revoked, or its session has ended"
 _UNKNOWN_CONNECTION = "this connection was not admitted; open a new one with a new ticket"
@@ -247,7 +247,7 @@ def _admit(conn: dict[str, Any], req: AttachRequest) -> tuple[dict[str, Any], bo
     if row["state"] == "creating":
         raise SessionNotActive("the session is still being created; retry in a moment")
     if row["state"] != "active":
-        raise sessions_service._gone(row)
+        raise sessions_service.gone(row)
     return row, read_only, expires_at
 
 
@@ -263,7 +263,7 @@ def _attach_on_host(connection_id: str, conn: dict[str, Any], req: AttachRequest
         raise Forbidden(_UNKNOWN_CONNECTION)  # closed meanwhile
     try:
         host = host_client.HostClient(registry.host_url(host_id))
-        sessions_service._on_host(row, lambda: host.attach_viewer(
+        sessions_service.on_host(row, lambda: host.attach_viewer(
             sid, connection_id, read_only=read_only, stream=req.stream, last_seq=req.last_seq, share_id=share_id,
             expires_at=expires_at))
     except AppError:
@@ -336,7 +336,7 @@ def create_share(p: Principal, session_id: UUID, body: ShareCreate) -> ShareCrea
     if row["state"] == "creating":
         raise SessionNotActive("the session is still being created; retry in a moment")
     if row["state"] != "active":
-        raise sessions_service._gone(row)
+        raise sessions_service.gone(row)
     token, digest = _new_secret()
     share = repo.create_share(session_id, p.user_id, digest, body.expires_in_s)
     return ShareCreated(id=share["id"], token=token, expires_at=share["expires_at"])

@@ -67,7 +67,7 @@ def _load(p: Principal, session_id: UUID) -> dict[str, Any]:
     return row
 
 
-def _gone(row: dict[str, Any]) -> SessionGone:
+def gone(row: dict[str, Any]) -> SessionGone:
     state, reason = row["state"], row.get("end_reason")
     why = f"the session is {state}" + (f": {reason}" if reason else "")
     return SessionGone(f"{why}; create a new session", state=state, end_reason=reason)
@@ -78,11 +78,11 @@ def _active(p: Principal, session_id: UUID) -> tuple[dict[str, Any], host_client
     if row["state"] == "creating":
         raise SessionNotActive("the session is still being created; retry in a moment")
     if row["state"] != "active":
-        raise _gone(row)
+        raise gone(row)
     return row, host_client.HostClient(registry.host_url(row["host_id"]))
 
 
-def _on_host(row: dict[str, Any], call: Callable[[], T]) -> T:
+def on_host(row: dict[str, Any], call: Callable[[], T]) -> T:
     """Run a call to the session's host. The host not having the session means it is over: its shell exited
     (the host says so), or it was lost. Recorded -- the host's own report may still be on its way -- and answered
     410 ``session_gone``. A host that does not answer and has stopped heartbeating is dead: its sessions are lost
@@ -94,10 +94,10 @@ def _on_host(row: dict[str, Any], call: Callable[[], T]) -> T:
         reason = exc.details.get("end_reason") if isinstance(exc, SessionGone) else None
         if state not in ("exited", "lost"):
             state, reason = "lost", "its tmux host does not have it"
-        raise _gone(_record_end(row, state, reason or "its tmux host does not have it")) from exc
+        raise gone(_record_end(row, state, reason or "its tmux host does not have it")) from exc
     except HostUnavailable:
         if not registry.host_alive(row["host_id"]) and not _answers(row["host_id"]):
-            raise _gone(_record_end(row, "lost", "its tmux host stopped answering")) from None
+            raise gone(_record_end(row, "lost", "its tmux host stopped answering")) from None
         raise
 
 
@@ -168,7 +168,7 @@ def create_session(p: Principal, body: SessionCreate) -> Session:
         _kill_quietly(row["host_id"], sid)
         current = repo.end_session(sid, None, "deleted", "deleted while being created") or repo.get_session(sid)
         cache.invalidate_session(str(sid))
-        raise _gone(current or {"state": "deleted", "end_reason": "deleted while being created"})
+        raise gone(current or {"state": "deleted", "end_reason": "deleted while being created"})
     return _public(active)
 
 
@@ -212,12 +212,12 @@ def delete_session(p: Principal, session_id: UUID) -> None:
     died, its shell exited) -- answers 410 saying how."""
     row = _load(p, session_id)
     if row["state"] not in ("creating", "active", "deleting"):
-        raise _gone(row)
+        raise gone(row)
     reason = "deleted by its owner" if str(row["owner_id"]) == str(p.user_id) else "deleted by an admin"
     if _end(row, p.user_id, reason) is None:
         current = repo.get_session(session_id) or row
         if current["state"] not in ("deleting", "deleted"):  # another delete got there first: that is this one
-            raise _gone(current)
+            raise gone(current)
 
 
 def _end(row: dict[str, Any], actor: UUID | None, reason: str, kill: bool = True) -> bool | None:
@@ -309,7 +309,7 @@ def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
     if body.keys is not None and body.enter:
         keys.append("Enter")
     row, host = _active(p, session_id)
-    _on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
+    on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
     _after(repo.record_activity, session_id, p.user_id, "session.input",
            {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
 
@@ -325,12 +325,12 @@ def _after(write: Callable[..., object], *args: Any) -> None:
 
 def read_screen(p: Principal, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
     row, host = _active(p, session_id)
-    return _on_host(row, lambda: host.screen(session_id, escapes=escapes, history=history))
+    return on_host(row, lambda: host.screen(session_id, escapes=escapes, history=history))
 
 
 def resize(p: Principal, session_id: UUID, body: ResizeRequest) -> None:
     row, host = _active(p, session_id)
-    _on_host(row, lambda: host.resize(session_id, body.cols, body.rows))
+    on_host(row, lambda: host.resize(session_id, body.cols, body.rows))
     _after(repo.resize_session, session_id, p.user_id, body.cols, body.rows)
     cache.invalidate_session(str(session_id))
 
@@ -345,7 +345,7 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
                                              "TMUXI_EXEC_TIMEOUT_MAX_S)")
     timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
     row, host = _active(p, session_id)
-    result = _on_host(row, lambda: host.exec(session_id, body.command, timeout))
+    result = on_host(row, lambda: host.exec(session_id, body.command, timeout))
     # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
     # too; whichever comes first records it.
     if result.session_ended:
