@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tmux_host.accounts import Account, Isolation, ensure_dir
-from tmux_host.control import OUT_SESSION, ControlClient, ControlClosed, OutputCallback, quote
+from tmux_host.control import OUT_SESSION, ControlClient, ControlClosed, OutputCallback, TmuxCommandError, quote
 from tmuxi.observability import ERRORS, logger
 from tmuxi.settings import Settings
 
@@ -98,6 +99,7 @@ class UserServer:
         """(Re)attach to the server, starting it if needed, and set its options; then its output client."""
         if not self.ctl.alive:
             await self._connect_commands()
+            await self._end_orphaned_clients()
         try:
             if await self.connect_output():
                 self.output_restarted = True
@@ -161,6 +163,30 @@ class UserServer:
             except Exception as exc:
                 logger.error("tmux reconnect failed", extra={"account": self.account.name, "error": str(exc)})
                 delay = min(delay * 2, 10.0)
+
+    async def _end_orphaned_clients(self) -> None:
+        """End control clients a host that died left attached (their parent gone: adopted by init). Nobody reads
+        them, so once their output pipe fills they stop reading from the server too, and the server, which waits
+        for every client before it exits, could then never be ended (kill-server hangs)."""
+        try:
+            lines = await self.ctl.command("list-clients -F 'C#{client_pid} #{client_control_mode}'")
+        except (ControlClosed, TmuxCommandError):
+            return
+        ours = {c.pid for c in (self.ctl, self.out) if c is not None and c.pid is not None}
+        for line in lines:
+            pid_s, _, control = line[1:].partition(" ")
+            if not line.startswith("C") or not pid_s.isdigit() or control != "1" or int(pid_s) in ours:
+                continue
+            pid = int(pid_s)
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_bytes()
+                ppid, uid = int(stat[stat.rindex(b")") + 2:].split()[1]), os.stat(f"/proc/{pid}").st_uid
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == 1 and uid == self.account.uid:  # an orphan of ours (a user's own client has a parent)
+                logger.info("ending a control client a previous host left", extra={"account": self.account.name})
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     async def connect_output(self) -> bool:
         """Start the output client if it is not running (the command client must be). True: it was (re)started,

@@ -176,7 +176,10 @@ def _stop_and_check_nothing_remains(run: Run, sig: int, returncode: int = 0) -> 
         pytest.fail(f"local.run did not stop within 40 s of {sig!r}: {run.log.read_text(errors='replace')[-3000:]}")
     assert run.bash.returncode == returncode, run.log.read_text(errors="replace")[-3000:]
     assert "stopped." in run.log.read_text(errors="replace")
-    _until(lambda: all(_gone(p) for p in procs), 15, "every process it started to exit")
+    try:
+        _until(lambda: all(_gone(p) for p in procs), 15, "every process it started to exit")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[p.cmdline() for p in procs if not _gone(p)]}") from None
     left = [p for p in psutil.process_iter(["cmdline"]) if not _gone(p)
             and any(str(d) in " ".join(p.info["cmdline"] or []) for d in (run.data, run.sockets))]
     assert not left, [p.info["cmdline"] for p in left]
