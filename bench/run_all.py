@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not for reporting)")
-    ap.add_argument("--only", default="", help="comma-separated names: host, create, gateway, scale, ws (default: all)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated names: host, create, gateway, scale, ws, coldstart (default: all)")
     args = ap.parse_args()
     q = args.quick
     runs = [
@@ -36,6 +37,9 @@ def main() -> int:
          ["bench/bench_scale.py", *(["--quick"] if q else [])]),
         ("ws", "live terminals over WebSocket: keystroke to echo vs a bare echo server, throughput, a stalled viewer",
          ["bench/bench_ws.py", *(["--quick"] if q else [])]),
+        ("coldstart", "Lambda cold start: a fresh process importing each handler vs python, boto3, fastapi, and a bare "
+         "FastAPI + Mangum app; the authorizer's first request",
+         ["bench/bench_coldstart.py", "--n", "3" if q else "10", "--first-request"]),
     ]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {name for name, _, _ in runs}

@@ -9,6 +9,9 @@ from mangum import Mangum
 from mangum.adapter import DEFAULT_TEXT_MIME_TYPES
 
 from functions.api.app import app
+from tmuxi import snapstart
+
+snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
 # Recordings (asciicast v2) are UTF-8 text: sent as text, not base64 (which would take a 5 MB one past Lambda's 6 MB
 # response limit)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from tmuxi import snapstart
 from tmuxi.errors import Unauthorized
 from tmuxi.models import Principal
 from tmuxi.observability import AUTH_FAILURES, logger, request_context
 from tmuxi.services import auth as auth_service
+
+snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
 
 class _Refused(Exception):

@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tmuxi import snapstart
 from tmuxi.observability import logger
 from tmuxi.services import live, sessions
+
+snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
 TASKS: dict[str, Callable[[], dict[str, int]]] = {"reconcile": sessions.reconcile, "prune_live": live.prune}
 

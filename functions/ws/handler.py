@@ -25,9 +25,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tmuxi import snapstart
 from tmuxi.errors import AppError, BadRequest
 from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger, request_context
 from tmuxi.services import live, throttle
+
+snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
 COMPONENT = "ws"
 Response = dict[str, Any]

@@ -18,14 +18,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final, TypeVar
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from tmuxi.observability import ERRORS, logger
 from tmuxi.settings import get_settings
+from tmuxi.snapstart import deferred_import
+
+if TYPE_CHECKING:
+    import redis
+else:
+    # ~100 ms at import (redis-py imports its asyncio client too): paid by the first request that reaches Redis,
+    # not by a cold start that never does (an authorizer refusing a token); before a SnapStart snapshot, ahead
+    redis = deferred_import("redis")
 
 
 class _Down:
@@ -54,6 +58,9 @@ class _Gate:
                 return None
             with self._lock:
                 if self._client is None:
+                    from redis.backoff import NoBackoff
+                    from redis.retry import Retry
+
                     self._client = redis.Redis.from_url(
                         s.redis_url,
                         socket_timeout=s.redis_timeout_s,
@@ -61,6 +68,9 @@ class _Gate:
                         retry=Retry(NoBackoff(), 0),
                         decode_responses=True,
                         max_connections=64,
+                        # with redis_secret_id, every new connection authenticates with the token as Secrets
+                        # Manager has it (cached for secrets_max_age_s; fetched anew after a refusal: _failed)
+                        credential_provider=_SecretToken() if s.redis_secret_id else None,
                     )
         return self._client
 
@@ -97,6 +107,8 @@ class _Gate:
         client.connection_pool.disconnect(inuse_connections=False)
         self._down_until = time.monotonic() + get_settings().redis_retry_after_s
         reply = isinstance(exc, redis.ResponseError)
+        if isinstance(exc, redis.AuthenticationError) and get_settings().redis_secret_id:
+            _SecretToken.refresh = True  # the token was rotated: the next connection asks Secrets Manager
         if not self._was_down:
             logger.warning("redis unavailable; serving from PostgreSQL", extra={
                 "error": type(exc).__name__, "reply": str(exc)[:100] if reply else None})
@@ -119,6 +131,19 @@ class _Gate:
             self._client = None
             self._down_until = 0.0
             self._was_down = False
+
+
+class _SecretToken:
+    """redis-py's credential provider protocol (``get_credentials``, asked by each new connection): the AUTH
+    token of the secret ``redis_secret_id`` ({"auth_token": ...})."""
+
+    refresh = False  # set after Redis refused the token: fetch it anew once
+
+    def get_credentials(self) -> tuple[str]:
+        from tmuxi import secrets
+
+        refresh, _SecretToken.refresh = _SecretToken.refresh, False
+        return (secrets.redis_auth_token(refresh=refresh),)
 
 
 _gate = _Gate()

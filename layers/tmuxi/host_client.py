@@ -11,16 +11,22 @@ from __future__ import annotations
 import base64
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 from uuid import UUID
-
-import httpx
 
 from tmuxi import errors
 from tmuxi.models import ExecResult, ScreenResponse
 from tmuxi.observability import request_id
 from tmuxi.settings import Settings, get_settings
+from tmuxi.snapstart import deferred_import
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    # ~80 ms at import: paid by the first request that calls a host (the api's session routes, the ws
+    # function's attach), not by every cold start; before a SnapStart snapshot, ahead (tmuxi/snapstart.py)
+    httpx = deferred_import("httpx")
 
 SECRET_HEADER = "X-Tmuxi-Host-Secret"  # noqa: S105 - a header name, not a secret
 # The id of the API request a host call serves (API Gateway's requestId): the host logs under it.

@@ -118,6 +118,28 @@ def migrate(url: str, progress: Callable[[str], None] | None = None) -> list[int
     return applied
 
 
+def password_refused(exc: psycopg.Error) -> bool:
+    """Did the server refuse the password (a rotated one)? libpq gives a failed connect no SQLSTATE (psycopg's
+    ``sqlstate`` is None), only the server's message, in its lc_messages (English on RDS)."""
+    return exc.sqlstate == "28P01" or "password authentication failed" in str(exc)
+
+
+def migrate_configured(progress: Callable[[str], None] | None = None) -> list[int]:
+    """``migrate`` the database of the settings: ``database_url``, or the secret ``database_secret_id`` (fetched
+    anew once if PostgreSQL refuses its password: it was rotated since it was cached)."""
+    from tmuxi.db.pool import database_url
+    from tmuxi.settings import get_settings
+
+    try:
+        return migrate(database_url(), progress)
+    except psycopg.OperationalError as exc:
+        if not password_refused(exc) or not get_settings().database_secret_id:
+            raise
+    if progress is not None:
+        progress("PostgreSQL refused the database secret's password; fetching the secret anew")
+    return migrate(database_url(refresh=True), progress)
+
+
 def _where(url: str) -> str:
     """The database, for people: never the password."""
     from psycopg.conninfo import conninfo_to_dict
@@ -137,21 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     from pydantic import ValidationError
 
+    from tmuxi.db.pool import database_url
     from tmuxi.settings import env_name, get_settings
 
     try:
-        given = get_settings().database_url
+        s = get_settings()
     except ValidationError as exc:
         print(f"error: the settings do not validate: {exc}", file=sys.stderr)
         return 1
-    if given is None:
+    if s.database_url is None and not s.database_secret_id:
         print(f"error: {env_name('database_url')} is not set: set it to the database to migrate (the local stack, "
               "`make run`, migrates its embedded PostgreSQL by itself)", file=sys.stderr)
         return 1
-    url = given.get_secret_value()
+    url = database_url()
     print(f"migrating {_where(url)}", flush=True)
     try:
-        applied = migrate(url, progress=lambda line: print(line, flush=True))
+        applied = migrate_configured(progress=lambda line: print(line, flush=True))
     except MigrationFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

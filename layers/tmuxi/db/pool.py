@@ -57,19 +57,26 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from tmuxi.db.breaker import BreakerOpen, CircuitBreaker, Ticket
 from tmuxi.errors import DependencyUnavailable
 from tmuxi.observability import logger
 from tmuxi.settings import Settings, env_name, get_settings
+from tmuxi.snapstart import deferred_import
 
-Conn = psycopg.Connection[dict[str, Any]]
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+    from psycopg_pool import ConnectionPool
+
+    Conn = psycopg.Connection[dict[str, Any]]
+else:
+    # ~110 ms at import (psycopg's libpq lookup imports ctypes.util): paid by the first request that reaches
+    # PostgreSQL, not by a cold start that never does; before a SnapStart snapshot, ahead (tmuxi/snapstart.py)
+    psycopg = deferred_import("psycopg")
+    psycopg_pool = deferred_import("psycopg_pool")
 
 CLIENT_MARGIN_S = 0.5  # the client gives up on a use of a connection this long after statement_timeout
 _UNAVAILABLE = "database unavailable; retry shortly"
@@ -85,20 +92,27 @@ _SLICE_S = 0.02  # a request waiting for a new connection looks every this often
 _idle_since: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
 
 
-def database_url() -> str:
+def database_url(refresh: bool = False) -> str:
+    """The database to use: ``database_url``, with the credentials (and host, port, dbname, as far as it has
+    them) of the secret ``database_secret_id`` when that is set, fetched on first use and cached for
+    ``secrets_max_age_s`` (``refresh``: fetched anew, after a password was refused)."""
     s = get_settings()
+    if s.database_secret_id:
+        from tmuxi import secrets
+
+        return secrets.database_url(s.database_url.get_secret_value() if s.database_url else "", refresh=refresh)
     if s.database_url is None:
         raise RuntimeError(
             f"{env_name('database_url')} is not set: run the local stack (`make run`) which starts an embedded "
-            "PostgreSQL, or point it at a server"
+            f"PostgreSQL, or point it at a server (or {env_name('database_secret_id')} at its secret)"
         )
     return s.database_url.get_secret_value()
 
 
-def _conninfo(s: Settings) -> str:
+def _conninfo(s: Settings, refresh: bool = False) -> str:
     """The URL with the pool's connection parameters; what the URL sets itself wins (its options come after)."""
-    url = database_url()
-    given = conninfo_to_dict(url)
+    url = database_url(refresh)
+    given = psycopg.conninfo.conninfo_to_dict(url)
     bound_ms = int((s.db_statement_timeout_s + CLIENT_MARGIN_S) * 1000)
     params: dict[str, Any] = {
         "connect_timeout": max(2, math.ceil(s.db_timeout_s)),  # psycopg's floor is 2 s; the pool's workers wait it
@@ -109,7 +123,7 @@ def _conninfo(s: Settings) -> str:
     params = {k: v for k, v in params.items() if k not in given}
     options = f"-c statement_timeout={int(s.db_statement_timeout_s * 1000)}"
     params["options"] = f"{options} {given['options']}" if given.get("options") else options
-    return make_conninfo(url, **params)
+    return psycopg.conninfo.make_conninfo(url, **params)
 
 
 def breaker() -> CircuitBreaker:
@@ -132,8 +146,11 @@ def get_pool() -> ConnectionPool[Conn]:
     with _lock:
         if _pool is None:
             s = get_settings()
-            _pool = ConnectionPool(
-                _conninfo(s),
+            _pool = psycopg_pool.ConnectionPool(
+                # asked for each new connection: a rotated database secret reaches new connections once the
+                # cached one is older than secrets_max_age_s, or at once after a refusal (_connection_class)
+                lambda: _conninfo(get_settings()),
+                connection_class=_connection_class(),
                 min_size=s.db_pool_min,
                 max_size=s.db_pool_max,
                 timeout=s.db_timeout_s,
@@ -142,7 +159,7 @@ def get_pool() -> ConnectionPool[Conn]:
                 # breaker decides when to try again
                 reconnect_timeout=s.db_probe_timeout_s,
                 reconnect_failed=_gave_up_connecting,
-                kwargs={"autocommit": True, "row_factory": dict_row},
+                kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
                 configure=_made,
                 open=True,
                 name="tmuxi",
@@ -160,6 +177,28 @@ def close_pool() -> None:
             _pool = None
         _breaker = None
         _schema_ok = False
+
+
+@lru_cache(maxsize=1)
+def _connection_class() -> type[Conn]:
+    """The pool's connection class: with ``database_secret_id``, a connect whose password is refused fetches the
+    secret anew (RDS rotated it) and tries once more before giving up. Made on first use, as psycopg is."""
+
+    class Connection(psycopg.Connection[dict[str, Any]]):
+        @classmethod
+        def connect(cls, conninfo: str = "", **kwargs: Any) -> Connection:
+            try:
+                return super().connect(conninfo, **kwargs)
+            except psycopg.OperationalError as exc:
+                from tmuxi.db.migrate import password_refused
+
+                if not password_refused(exc) or not get_settings().database_secret_id:
+                    raise
+                logger.info("PostgreSQL refused the database secret's password; fetching the secret anew",
+                            extra={"status": "refused"})
+            return super().connect(_conninfo(get_settings(), refresh=True), **kwargs)
+
+    return Connection
 
 
 def _made(conn: Conn) -> None:
@@ -216,7 +255,7 @@ def _getconn(pool: ConnectionPool[Conn], ticket: Ticket, wait: float) -> Conn:
     while True:
         try:
             return pool.getconn(max(0.001, min(_SLICE_S, deadline - time.monotonic())))
-        except PoolTimeout as exc:
+        except psycopg_pool.PoolTimeout as exc:
             refused = _gave_up > asked
             if not refused and time.monotonic() < deadline:
                 continue
