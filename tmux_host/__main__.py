@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -11,6 +12,8 @@ import uvicorn
 
 from tmux_host.accounts import Cgroups, reduced_capabilities_argv, subtree_name
 from tmux_host.app import create_app
+from tmux_host.drain import DrainingServer, drain
+from tmux_host.ecs import apply_task_identity
 from tmuxi.observability import logger
 from tmuxi.settings import get_settings
 
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-registry", action="store_true",
                         help="do not heartbeat or reconcile with the registry (no database needed)")
     args = parser.parse_args(argv)
+    apply_task_identity()  # on ECS: the task's id and address (before anything reads the host's id)
     # Keep of root only what isolating users needs: start again under setpriv with just those capabilities.
     reduced = reduced_capabilities_argv([sys.executable, "-m", "tmux_host", *sys.argv[1:]])
     if reduced is not None:
@@ -41,8 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     settings.require_host_secret()  # fail fast, before touching tmux
     registry = None if args.no_registry else load_registry()
     app = create_app(settings, registry=registry)
-    uvicorn.run(app, host=settings.host_bind, port=settings.host_port, log_level="warning",
-                access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    engine = app.state.engine
+    # On ECS the first SIGTERM drains the host before uvicorn shuts down (drain.py); elsewhere it only detaches.
+    # timeout_graceful_shutdown: after the drain (or at once), requests still in flight get 5 s.
+    draining = settings.ecs_agent_uri is not None and settings.drain_timeout_s > 0
+    server = DrainingServer(
+        uvicorn.Config(app, host=settings.host_bind, port=settings.host_port, log_level="warning", access_log=False,
+                       lifespan="on", timeout_graceful_shutdown=5),
+        on_term=(lambda: drain(engine, settings.drain_timeout_s)) if draining else None)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, re-raised by uvicorn once it has shut down
+        server.run()
+    if not server.started:  # as uvicorn.run: the app did not start (its error is logged)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

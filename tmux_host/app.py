@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tmux_host.engine import Engine, Registry
+from tmux_host.protection import TaskProtection
 from tmux_host.stream import FORWARDED_HEADER
 from tmuxi import errors
 from tmuxi.host_client import REQUEST_ID_HEADER, SECRET_HEADER
@@ -268,6 +269,8 @@ async def ws_message(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     h = _engine(request).health()
+    protection: TaskProtection | None = request.app.state.protection
+    h["task_protection"] = protection.describe() if protection is not None else None  # None: not on ECS
     return JSONResponse(h, status_code=503 if h["status"] == "down" else 200)
 
 
@@ -305,17 +308,25 @@ def create_app(
 ) -> Starlette:
     settings = settings or get_settings()
     engine = engine or Engine(settings, registry=registry)
+    # On ECS: the task is protected from scale-in while the host holds sessions
+    protection = None if settings.ecs_agent_uri is None else TaskProtection(
+        settings.ecs_agent_uri, lambda: engine.session_count, engine.sessions_changed, settings.heartbeat_interval_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await engine.start()
+        if protection is not None:
+            protection.start()
         try:
             yield
         finally:
+            if protection is not None:
+                await protection.stop()
             await engine.stop()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.engine = engine
+    app.state.protection = protection
     app.state.settings = settings
     app.state.secret = settings.require_host_secret().encode()
     return app

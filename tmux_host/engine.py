@@ -30,6 +30,7 @@ from uuid import UUID, uuid4
 
 from tmux_host.accounts import Isolation, check_reachable, ensure_dir
 from tmux_host.control import CTL_SESSION, OUT_SESSION, ControlClosed, TmuxCommandError, quote
+from tmux_host.ecs import emit_sessions_metric
 from tmux_host.exec import ExecChannel, make_file, read_private_file
 from tmux_host.recorder import Recorder
 from tmux_host.server import HISTORY_LIMIT, UserServer
@@ -67,6 +68,7 @@ class Registry(Protocol):  # what tmuxi.registry provides (module or object)
     def sessions_ended(self, host_id: str, ended: dict[UUID, tuple[str, str]]) -> None: ...
     def confirm_sessions(self, host_id: str, present: set[tuple[UUID, int]]) -> set[UUID]: ...
     def host_stopped(self, host_id: str) -> None: ...
+    def host_draining(self, host_id: str) -> None: ...
     def connection_target(self, connection_id: str) -> tuple[str, str] | None: ...
 
 
@@ -149,6 +151,10 @@ class Engine:
         self._changed_at: dict[UUID, int] = {}
         self._started = False  # adoption done: until then no refresh may judge a server unused
         self._stopping = False
+        # Told to go (drain.py): creates are refused (HostFull: the API places them on another host)
+        self.draining = False
+        # Set whenever a session is added or dropped: what wakes the task protection (protection.py) and a drain
+        self.sessions_changed = asyncio.Event()
         self._bg: set[asyncio.Task[Any]] = set()
         self._gauge = ACTIVE_SESSIONS.labels(host=self.host_id)
         # Live output: every session's stream, its viewers and its recording (stream.py, recorder.py)
@@ -473,7 +479,7 @@ class Engine:
             if not servers:
                 await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    def _ended(self, rec: SessionRec, state: str, reason: str) -> None:
+    def _ended(self, rec: SessionRec, state: str, reason: str, *, report: bool = True) -> None:
         """A session ended here on its own (``exited``: its shell exited; ``lost``: its server died): forget it,
         remember how (requests for it answer 410 saying so), and report it to the record -- until the record has
         it: a report that fails is sent again with the next heartbeat, never dropped."""
@@ -482,7 +488,7 @@ class Engine:
         self._drop(rec, state)
         self._remember(rec.session_id, state, reason)
         self._unreported[rec.session_id] = (state, reason)
-        if self.registry is not None and not self._stopping:
+        if self.registry is not None and not self._stopping and report:
             self._spawn(self._report_ended(), "report-ended")
 
     def _remember(self, sid: UUID, state: str, reason: str) -> None:
@@ -545,6 +551,9 @@ class Engine:
                     await self._report_ended()
                 if beat % CONFIRM_EVERY == 0:
                     await self._confirm()
+            if self.settings.ecs_container_metadata_uri is not None:  # on ECS: sessions per task, for autoscaling
+                with contextlib.suppress(Exception):
+                    emit_sessions_metric(self.settings, len(self._sessions))
             if self.recorder is not None:  # a crash loses at most one interval of recordings; failed uploads retried
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.recorder.flush)
@@ -580,6 +589,7 @@ class Engine:
     def _add(self, rec: SessionRec, cols: int | None = None, rows: int | None = None) -> None:
         self._sessions[rec.session_id] = rec
         self._by_account.setdefault(rec.account, set()).add(rec.session_id)
+        self.sessions_changed.set()
         self.live.started(rec.session_id, rec.account)
         if self.recorder is not None:
             self.recorder.start(rec.session_id, cols or self.settings.default_cols, rows or self.settings.default_rows)
@@ -593,6 +603,7 @@ class Engine:
                 if not held:
                     del self._by_account[rec.account]
             self._mark_changed(rec.session_id)
+            self.sessions_changed.set()
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
             # once the caller has remembered how it ended (_ended, kill_session): viewers told, recording finished
@@ -679,6 +690,8 @@ class Engine:
             raise errors.Conflict(f"session {session_id} already exists on this host")
         if len(self._sessions) + len(self._creating) >= self.settings.host_capacity:
             raise HostFull("this tmux host is at capacity")
+        if self.draining:
+            raise HostFull("this tmux host is draining (it is being stopped)")
         name = "t" + session_id.hex
         self._creating[session_id] = account
         try:
@@ -716,6 +729,18 @@ class Engine:
         self._gauge.set(len(self._sessions))
         return {"session_id": str(session_id), "account": account, "tmux_name": name, "pane_id": rec.pane_id,
                 "pid": rec.pid}
+
+    async def end_all(self, state: str, reason: str) -> int:
+        """The host must go with sessions still open (drain.py): each is recorded ``state`` with ``reason``, its
+        viewers told, its recording finished, and its user's tmux server ended. Returns how many."""
+        recs = list(self._sessions.values())
+        for rec in recs:
+            self._ended(rec, state, reason, report=False)  # one report for all of them, below
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._report_ended(), 5.0)  # failed: sent again by stop()
+        await asyncio.gather(*(self._stop_if_unused(a) for a in {rec.account for rec in recs}),
+                             return_exceptions=True)
+        return len(recs)
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         await self.refresh(timeout_s=1.0)
@@ -1110,7 +1135,7 @@ class Engine:
         status = "ok" if iso is not None else "down"
         if iso is not None and not iso.accounts:
             status = "degraded"  # development without isolation: say so wherever anyone looks
-        return {"status": status, "host_id": self.host_id, "sessions": len(self._sessions),
+        return {"status": status, "host_id": self.host_id, "sessions": len(self._sessions), "draining": self.draining,
                 "capacity": self.settings.host_capacity,
                 "servers": {"running": len(servers), "connected": alive},
                 "isolation": iso.describe() if iso is not None else None}

@@ -263,6 +263,7 @@ class Live:
         self._targets: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._forwarder: Any = None
         self._gauge = WS_CONNECTIONS.labels(component="host")
+        self._draining_until: float | None = None  # monotonic: when a draining host ends the sessions left
 
     async def post(self, connection_id: str, message: bytes) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, gateway_client.post, connection_id, message,
@@ -298,6 +299,23 @@ class Live:
                 v.need_snapshot, v.gap = True, True
                 v.wake.set()
 
+    def draining(self, deadline_s: float) -> None:
+        """The host is going (drain.py): every viewer is told now, and every viewer that attaches from now on."""
+        self._draining_until = time.monotonic() + deadline_s
+        for v in list(self.viewers.values()):
+            v.send(self._draining_frame(v.stream.session_id))
+
+    def _draining_frame(self, session_id: UUID) -> bytes:
+        left = max(0, round((self._draining_until or 0) - time.monotonic()))
+        return _msg(type="host_draining", session_id=str(session_id), deadline_s=left)
+
+    async def flushed(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every viewer has ended: their last messages delivered."""
+        deadline = time.monotonic() + timeout_s
+        while self.viewers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.viewers
+
     def ended(self, session_id: UUID, state: str, reason: str) -> None:
         stream = self.streams.pop(session_id, None)
         if stream is None:
@@ -324,6 +342,8 @@ class Live:
             v.need_snapshot, v.gap = True, last_seq is not None
         v.send(_msg(type="attached", session_id=str(session_id), stream=stream.stream_id, seq=v.pos,
                     read_only=read_only, cols=cols, rows=rows))
+        if self._draining_until is not None:
+            v.send(self._draining_frame(session_id))
         self.viewers[connection_id] = v
         stream.viewers.add(v)
         v.task = self.engine._spawn(v.run(), "ws-viewer")

@@ -13,14 +13,61 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging.formatter import RESERVED_LOG_ATTRS, LambdaPowertoolsFormatter
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmuxi.settings import get_settings
+from tmuxi.snapstart import prime_before_snapshot
+
+
+class _Deferred:
+    """A prometheus_client object (the registry, a metric) made on first use. Importing prometheus_client costs
+    a cold start ~50 ms (it imports http.server and the exposition code with it: bench/bench_coldstart.py), and in
+    AWS nothing scrapes a Lambda function's registry; the tmux host's /metrics and the local gateway's do. The
+    first use of any of them makes them all, in the order declared, so an exposition lists every metric as before.
+    Used exactly as the object itself (``ERRORS.labels(...).inc()``, ``generate_latest(REGISTRY)``)."""
+
+    __slots__ = ("_kind", "_args", "_kwargs", "_real")
+    _declared: list[_Deferred] = []
+    _made = False
+    _lock = threading.RLock()
+
+    def __init__(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        self._kind, self._args, self._kwargs, self._real = kind, args, kwargs, None
+        self._declared.append(self)
+        if _Deferred._made:
+            _Deferred.make_all()
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._real is None:
+            _Deferred.make_all()
+        return getattr(self._real, attr)
+
+    @staticmethod
+    def make_all() -> None:
+        with _Deferred._lock:
+            import prometheus_client
+
+            for obj in _Deferred._declared:
+                if obj._real is None:
+                    kwargs = {k: v._real if isinstance(v, _Deferred) else v for k, v in obj._kwargs.items()}
+                    obj._real = getattr(prometheus_client, obj._kind)(*obj._args, **kwargs)
+            _Deferred._made = True
+
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+else:
+    def _deferred(kind: str) -> Any:
+        return lambda *args, **kwargs: _Deferred(kind, *args, **kwargs)
+
+    CollectorRegistry, Counter, Gauge, Histogram = map(_deferred, ("CollectorRegistry", "Counter", "Gauge",
+                                                                    "Histogram"))
+prime_before_snapshot(_Deferred.make_all)
 
 _RESERVED = frozenset(RESERVED_LOG_ATTRS)
 _DEFAULT_KEYS = {"level": "%(levelname)s", "location": "%(funcName)s:%(lineno)d", "timestamp": "%(asctime)s"}
@@ -159,3 +206,9 @@ WS_LATENCY = Histogram("tmux_websocket_latency_seconds", "WebSocket operation la
                        buckets=_BUCKETS, registry=REGISTRY)
 WS_BYTES = Counter("tmux_websocket_bytes_sent", "Terminal output bytes delivered to viewers", ["component"],
                    registry=REGISTRY)
+# ECS task scale-in protection (tmux_host/protection.py): calls to the ECS agent's endpoint by the state asked for
+# ("true" / "false") and outcome ("ok" / "failed"), and whether the host's task is protected now.
+TASK_PROTECTION_UPDATES = Counter("tmux_task_protection_updates", "Calls to the ECS agent's task protection endpoint",
+                                  ["enabled", "status"], registry=REGISTRY)
+TASK_PROTECTED = Gauge("tmux_task_protected", "1 while this host's ECS task is protected from scale-in",
+                       registry=REGISTRY)

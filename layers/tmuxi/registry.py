@@ -52,6 +52,12 @@ def host_stopped(host_id: str) -> None:
         logger.warning("host stop not recorded", extra={"host_id": host_id, "error": exc.message})
 
 
+def host_draining(host_id: str) -> None:
+    """Called by a host told to go (SIGTERM on ECS) before it drains: new sessions are placed elsewhere. Raises if
+    the record cannot be written (the host retries while it drains)."""
+    repo.mark_host_draining(host_id)
+
+
 def host_alive(host_id: str) -> bool:
     """The host heartbeated within the dead-after window (read from PostgreSQL; True if it cannot be read: only
     a known-dead host's sessions are declared lost)."""

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tmuxi.routes import EXEC_TIMEOUT_MAX_S, INTEGRATION_TIMEOUT_S
@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     # bounds Redis memory, and is what cached reads have while PostgreSQL is down
     cache_ttl_s: int = Field(600, ge=1)
 
+    # --- Secrets in AWS Secrets Manager (tmuxi/secrets.py), named instead of given: in AWS no secret is in an
+    # environment variable or a template. Set, an id wins over the value field; fetched on first use (never at
+    # import or before a SnapStart snapshot) and cached this long; a refused database or Redis password fetches
+    # anew at once (rotation).
+    # Two secrets, so that what holds one need not hold the other (the hosts never read the JWT key; Secrets
+    # Manager also generates one random field per secret).
+    jwt_secret_id: str | None = None  # JSON {"jwt_secret": ...}
+    host_secret_id: str | None = None  # JSON {"host_secret": ...}
+    database_secret_id: str | None = None  # RDS's JSON: username, password[, host, port, dbname] over database_url
+    redis_secret_id: str | None = None  # JSON {"auth_token": ...}; redis_url then carries no password
+    secrets_max_age_s: int = Field(300, ge=0, le=86400)
+
     # --- Auth (RFC 8725: one pinned algorithm; exp, aud, iss always checked)
     jwt_secret: SecretStr | None = None
     jwt_issuer: str = "tmuxi"
@@ -126,6 +138,19 @@ class Settings(BaseSettings):
     # how often scheduled reconciliation runs (EventBridge: rate(1 minute); the local stack's scheduler: this)
     reconcile_interval_s: float = Field(60.0, gt=0)
     shell: str = "/bin/bash"
+    # --- The host as an ECS service (README "Deploys, scale-in and sessions"). ECS sets ECS_AGENT_URI in every task
+    # (its agent's endpoint; TMUXI_ECS_AGENT_URI overrides it). Set: the host protects its task from scale-in while it
+    # holds sessions (tmux_host/protection.py), and on SIGTERM drains (tmux_host/drain.py) for at most drain_timeout_s:
+    # no new sessions, viewers told, sessions still open then recorded `lost`. The task's containers, the users'
+    # tmux servers among them, are stopped with it. Unset (the local stack, a host restarted in place): SIGTERM
+    # detaches and the sessions outlive the process for the next run to adopt. ECS Fargate's stopTimeout is at most
+    # 120 s: the CDK app gives drain_timeout_s + 20 (what the host does after its drain: at most ~20 s).
+    ecs_agent_uri: str | None = Field(None, validation_alias=AliasChoices("TMUXI_ECS_AGENT_URI", "ECS_AGENT_URI"))
+    # ECS's task metadata endpoint (set in every task): a host there takes its id (the task's id) and its advertised
+    # URL (the task's private address) from it, unless TMUXI_HOST_ID / TMUXI_HOST_URL are given (tmux_host/ecs.py).
+    ecs_container_metadata_uri: str | None = Field(None, validation_alias=AliasChoices(
+        "TMUXI_ECS_CONTAINER_METADATA_URI", "ECS_CONTAINER_METADATA_URI_V4"))
+    drain_timeout_s: float = Field(100.0, ge=0, le=100)
     default_cols: int = Field(120, ge=10, le=1000)
     default_rows: int = Field(40, ge=5, le=500)
 
@@ -191,15 +216,18 @@ class Settings(BaseSettings):
         if self.environment in ("staging", "production"):
             for name in ("jwt_secret", "host_secret"):
                 value = getattr(self, name)
+                if getattr(self, f"{name}_id"):  # the value is Secrets Manager's (generated there)
+                    continue
                 if value is None or value.get_secret_value().lower() in _PLACEHOLDERS or len(
                     value.get_secret_value()
                 ) < 32:
                     raise ValueError(
                         f"{env_name(name)} must be set to a random value of at least 32 characters "
-                        f"in {self.environment}"
+                        f"in {self.environment} (or {env_name(name + '_id')} to a secret holding it)"
                     )
-            if self.database_url is None:
-                raise ValueError(f"{env_name('database_url')} is required in {self.environment}")
+            if self.database_url is None and not self.database_secret_id:
+                raise ValueError(f"{env_name('database_url')} or {env_name('database_secret_id')} is required in "
+                                 f"{self.environment}")
             if self.isolation == "off":
                 raise ValueError(f"{env_name('isolation')}=off is for development only, not {self.environment}")
         return self
@@ -262,11 +290,19 @@ class Settings(BaseSettings):
         return self.socket_dir or Path(f"/tmp/tmuxi-{os.getuid()}")  # noqa: S108 - private 0700 dir
 
     def require_jwt_secret(self) -> str:
+        if self.jwt_secret_id:
+            from tmuxi import secrets
+
+            return secrets.app_value("jwt_secret")
         if self.jwt_secret is None:
             raise RuntimeError(f"{env_name('jwt_secret')} is not set (`make run` generates one for development)")
         return self.jwt_secret.get_secret_value()
 
     def require_host_secret(self) -> str:
+        if self.host_secret_id:
+            from tmuxi import secrets
+
+            return secrets.app_value("host_secret")
         if self.host_secret is None:
             raise RuntimeError(f"{env_name('host_secret')} is not set (`make run` generates one for development)")
         return self.host_secret.get_secret_value()

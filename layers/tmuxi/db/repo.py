@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
-
-import psycopg
-from psycopg.types.json import Jsonb
 
 from tmuxi.db.pool import connection
 from tmuxi.errors import Conflict, HostUnavailable, NotFound, QuotaExceeded
 from tmuxi.pagination import MAX_PAGE
+from tmuxi.snapstart import deferred_import
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg.types.json
+else:
+    psycopg = deferred_import("psycopg")  # on first use, as in db/pool.py (~110 ms off a cold start)
 
 Row = dict[str, Any]
 LIVE_STATES = ("creating", "active")
@@ -25,7 +29,7 @@ def _audit(conn: psycopg.Connection[Any], actor: UUID | None, action: str, sessi
            status: str, detail: dict[str, Any] | None = None) -> None:
     conn.execute(
         "INSERT INTO audit_events (actor_id, action, session_id, status, detail) VALUES (%s, %s, %s, %s, %s)",
-        (actor, action, session_id, status, Jsonb(detail or {})),
+        (actor, action, session_id, status, psycopg.types.json.Jsonb(detail or {})),
     )
 
 
@@ -181,14 +185,15 @@ PLACEMENT_SQL = (
     "SELECT h.id, h.url, h.capacity - (SELECT count(*) FROM sessions s WHERE s.host_id = h.id"
     "  AND s.state IN (" + ", ".join(f"'{st}'" for st in HOLDING_STATES) + ")) AS free FROM hosts h"
     " WHERE h.last_heartbeat > now() - make_interval(secs => %s)"
-    " AND (h.unreachable_at IS NULL OR h.unreachable_at < h.last_heartbeat) AND NOT h.id = ANY(%s)"
+    " AND (h.unreachable_at IS NULL OR h.unreachable_at < h.last_heartbeat) AND h.draining_at IS NULL"
+    " AND NOT h.id = ANY(%s)"
     " ORDER BY free DESC, h.id LIMIT 1"
 )
 
 
 def _pick_host(conn: psycopg.Connection[Any], dead_after_s: float, exclude: tuple[str, ...] | list[str]) -> Row:
     """The live host with the most free capacity: heartbeating, not found unreachable since its last heartbeat,
-    not in ``exclude``."""
+    not draining, not in ``exclude``."""
     host = conn.execute(PLACEMENT_SQL, (dead_after_s, list(exclude))).fetchone()
     if host is None or int(host["free"]) <= 0:
         raise HostUnavailable("no tmux host has free capacity; start a host or raise TMUXI_HOST_CAPACITY")
@@ -215,6 +220,12 @@ def mark_host_stopped(host_id: str) -> None:
     """The host is stopping on purpose: when its heartbeat goes stale it is not reported dead."""
     with connection() as conn:
         conn.execute("UPDATE hosts SET stopped_at = now() WHERE id = %s", (host_id,))
+
+
+def mark_host_draining(host_id: str) -> None:
+    """The host was told to go and is draining: placement skips it from now on (until a new run of it heartbeats)."""
+    with connection() as conn:
+        conn.execute("UPDATE hosts SET draining_at = coalesce(draining_at, now()) WHERE id = %s", (host_id,))
 
 
 def mark_host_unreachable(host_id: str) -> None:
@@ -378,7 +389,7 @@ def record_activity(session_id: UUID, actor: UUID, action: str, detail: dict[str
             " VALUES (%s, %s, %s, 'ok', %s))"
             " UPDATE sessions SET last_active_at = now()"
             " WHERE id = %s AND last_active_at < now() - interval '10 seconds'",
-            (actor, action, session_id, Jsonb(detail), session_id),
+            (actor, action, session_id, psycopg.types.json.Jsonb(detail), session_id),
         )
 
 
@@ -410,7 +421,9 @@ def upsert_host(host_id: str, url: str, capacity: int, active: int, started_at: 
             "INSERT INTO hosts (id, url, capacity, active_sessions, started_at, last_heartbeat)"
             " VALUES (%s, %s, %s, %s, %s, now())"
             " ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, capacity = EXCLUDED.capacity,"
-            " active_sessions = EXCLUDED.active_sessions, started_at = EXCLUDED.started_at, last_heartbeat = now()",
+            " active_sessions = EXCLUDED.active_sessions, started_at = EXCLUDED.started_at, last_heartbeat = now(),"
+            # draining is one run's state: a new run of the host (another started_at) is placed on again
+            " draining_at = CASE WHEN hosts.started_at = EXCLUDED.started_at THEN hosts.draining_at END",
             (host_id, url, capacity, active, started_at),
         )
 
@@ -430,7 +443,8 @@ def set_extra_sessions(host_id: str, extra: dict[int, int]) -> None:
 def get_host(host_id: str) -> Row | None:
     with connection() as conn:
         return conn.execute(
-            "SELECT id, url, capacity, active_sessions, started_at, last_heartbeat FROM hosts WHERE id = %s",
+            "SELECT id, url, capacity, active_sessions, started_at, last_heartbeat, draining_at FROM hosts"
+            " WHERE id = %s",
             (host_id,),
         ).fetchone()
 
