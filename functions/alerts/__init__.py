@@ -1,0 +1,1 @@
+"""Alerts function: CloudWatch alarm notifications through SNS."""
