@@ -101,5 +101,5 @@ class Functions(Construct):
             description=f"tmuxi {name}")
         self.functions[name] = fn
         self.roles[name] = role
-        # API Gateway, EventBridge and SNS invoke the alias: a published version (SnapStart restores only those).
-        self.aliases[name] = lambda_.Alias(self, f"{name}Alias", alias_name=ALIAS, version=fn.current_version)
+        if snapstart:  # API Gateway invokes the alias: a published version (SnapStart restores only those)
+            self.aliases[name] = lambda_.Alias(self, f"{name}Alias", alias_name=ALIAS, version=fn.current_version)
