@@ -28,7 +28,7 @@ bench: setup
 	$(PY) bench/run_all.py
 
 # the Lambda layer and every function, for arm64 / Python 3.12 (build/lambda/layer, build/lambda/<name>): what
-# `cdk synth` bundles; the wheels are cached in .data/pip-cache. The locks: $(PY) -m layers.build lock
+# `cdk synth` bundles; the wheels are cached in build/pip-cache. The locks: $(PY) -m layers.build lock
 lambda-build: setup
 	$(PY) -m layers.build all build/lambda
 

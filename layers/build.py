@@ -45,8 +45,8 @@ FUNCTIONS_DIR = ROOT / "functions"
 # Paths relative to the root that ``lock`` writes under (the repository's, or a scratch copy for checks)
 LAMBDA_LOCK = Path("layers/requirements-lambda.lock")
 HOST_LOCK = Path("tmux_host/requirements.lock")
-# Wheels downloaded for the layer, per target (gitignored with .data/; hashes are checked on every install)
-WHEEL_CACHE = ROOT / ".data" / "pip-cache"
+# Wheels downloaded for the layer, per target (gitignored with build/; hashes are checked on every install)
+WHEEL_CACHE = ROOT / "build" / "pip-cache"  # (not under .data: the local stack's data, which tests search)
 LOCK_COMMAND = "python -m layers.build lock"  # the header of the locks (not uv's command line with its temp paths)
 
 # The deployed target (cdk/functions.py: Runtime.PYTHON_3_12, Architecture.ARM_64)

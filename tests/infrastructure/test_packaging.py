@@ -1,7 +1,7 @@
 """The deployable artefacts: the Lambda layer and function packages (layers/build.py), their locks, and the tmux
 host's Dockerfile and build context.
 
-The builds download wheels (PyPI; kept in .data/pip-cache, so only the first run downloads) and are marked slow.
+The builds download wheels (PyPI; kept in build/pip-cache, so only the first run downloads) and are marked slow.
 """
 from __future__ import annotations
 

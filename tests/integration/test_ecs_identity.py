@@ -43,7 +43,10 @@ def test_task_identity_is_the_task_id_and_its_private_address(metadata: str) -> 
 
 def test_settings_take_the_task_identity_unless_given(metadata: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TMUXI_HOST_ID", "TMUXI_HOST_URL"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then removed: monkeypatch then removes what apply_task_identity writes there when the test ends
+        # (a delenv of an absent variable records nothing to undo, and the task's URL would outlive the test)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("ECS_CONTAINER_METADATA_URI_V4", metadata)
     get_settings.cache_clear()
     try:
@@ -56,6 +59,12 @@ def test_settings_take_the_task_identity_unless_given(metadata: str, monkeypatch
         assert (s.host_id, s.host_url) == ("given-1", "http://10.9.9.9:7001")
     finally:
         get_settings.cache_clear()
+
+
+def test_the_identity_does_not_outlive_the_test_that_applied_it() -> None:
+    import os
+
+    assert "10.0.3.17" not in os.environ.get("TMUXI_HOST_URL", "")
 
 
 def test_an_unreachable_metadata_endpoint_names_the_fix() -> None:
