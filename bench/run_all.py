@@ -21,7 +21,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not for reporting)")
     ap.add_argument("--only", default="",
-                    help="comma-separated names: host, create, gateway, scale, ws, coldstart, cdk (default: all)")
+                    help="comma-separated names: host, create, gateway, scale, ws, coldstart, cdk, cleanup "
+                         "(default: all)")
     args = ap.parse_args()
     q = args.quick
     runs = [
@@ -42,6 +43,10 @@ def main() -> int:
          ["bench/bench_coldstart.py", "--n", "3" if q else "10", "--first-request"]),
         ("cdk", "cdk synth of all three environments (cdk-nag on) vs an empty CDK app",
          ["bench/bench_cdk.py", "--rounds", "1" if q else "3"]),
+        ("backup", "backup + verified restore of 100,000 sessions and 1,000,000 audit events vs pg_dump + pg_restore",
+         ["bench/bench_backup.py", *(["--sessions", "10000", "--events", "100000"] if q else [])]),
+        ("cleanup", "idle-session cleanup: 10,000 idle rows, 500 with tmux sessions on two hosts, vs plain UPDATEs",
+         ["bench/bench_cleanup.py", *(["--rows", "1000", "--real", "50"] if q else [])]),
     ]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {name for name, _, _ in runs}

@@ -7,7 +7,7 @@ with its name.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 CONTEXT_KEY = "tmuxi:environments"
@@ -58,10 +58,11 @@ class EnvConfig:
     recordings_infrequent_access_days: int
     backups_expire_days: int
     removal_policy: Literal["destroy", "retain"]  # data stores and buckets when the stack is deleted
-    # EventBridge schedules of the maintenance function: task -> schedule expression
-    schedules: dict[str, str]
     # alarms (operations guide, "Alert Configurations"): thresholds and where notifications go
     alarm_email: str | None = None  # also subscribed to the alarm topic
+    # EventBridge schedules of the maintenance function: tmuxi.schedules.SCHEDULES (the local scheduler's too),
+    # with this environment's overrides (task -> rate expression) laid over it
+    schedule_overrides: dict[str, str] = field(default_factory=dict)
     alarm_error_rate: float  # fraction of requests answered 5xx (guide: 0.01 over 2 minutes)
     alarm_p95_latency_ms: int  # API Gateway latency p95 (the guide's 15 ms is the service's own time; see README)
     alarm_memory_percent: int
@@ -73,7 +74,7 @@ class EnvConfig:
             raise ValueError(f"cdk.json context {CONTEXT_KEY}.{name} must be an object, not {type(raw).__name__}")
         # (CDK drops null context values: a field that may be None may be absent)
         known = {f.name for f in fields(cls)} - {"name"}
-        required = {f.name for f in fields(cls) if f.default is MISSING} - {"name"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - {"name"}
         unknown, missing = set(raw) - known, required - set(raw)
         if unknown or missing:
             raise ValueError(f"cdk.json context {CONTEXT_KEY}.{name}: unknown keys {sorted(unknown)}, "
@@ -85,6 +86,18 @@ class EnvConfig:
         if cfg.host_min_tasks < 1 or cfg.host_max_tasks < cfg.host_min_tasks:
             raise ValueError(f"{name}: need 1 <= host_min_tasks <= host_max_tasks")
         return cfg
+
+    @property
+    def schedules(self) -> dict[str, str]:
+        from tmuxi.schedules import SCHEDULES, rate_seconds
+
+        merged = {**SCHEDULES, **self.schedule_overrides}
+        for task, expression in merged.items():
+            if task not in SCHEDULES:
+                raise ValueError(f"{self.name}: schedule_overrides names {task!r}, which is no maintenance task "
+                                 f"(tmuxi.schedules.SCHEDULES: {sorted(SCHEDULES)})")
+            rate_seconds(expression)  # a malformed expression fails synthesis, naming it
+        return merged
 
     @property
     def retain(self) -> bool:

@@ -62,11 +62,28 @@ class Scheduler:
 
 
 def schedules() -> list[Schedule]:
-    from tmuxi.settings import get_settings
+    """Every task of tmuxi.schedules.SCHEDULES on its rate, with the event its EventBridge rule delivers (the
+    rule's constant input, ``{"task": ...}``). Two local departures: ``reconcile`` runs every
+    TMUXI_RECONCILE_INTERVAL_S (default 60 s = its rate; the tests' stacks run it every second), and
+    TMUXI_SCHEDULER_TASKS limits the tasks run ("none": none). A task the handler does not know is left out."""
+    from functions.maintenance.handler import TASKS
+    from tmuxi.schedules import SCHEDULES, rate_seconds
+    from tmuxi.settings import env_name, get_settings
 
-    interval = get_settings().reconcile_interval_s
-    return [Schedule("reconcile", interval, {"task": "reconcile"}),
-            Schedule("prune_live", max(interval, 600.0), {"task": "prune_live"})]
+    s = get_settings()
+    wanted = set(SCHEDULES) if s.scheduler_tasks is None else {
+        t.strip() for t in s.scheduler_tasks.split(",") if t.strip() and t.strip() != "none"}
+    unknown = wanted - set(SCHEDULES)
+    if unknown:
+        raise SystemExit(f"{env_name('scheduler_tasks')} names unknown tasks {sorted(unknown)}; "
+                         f"the tasks are {sorted(SCHEDULES)}")
+    out = []
+    for task, rate in SCHEDULES.items():
+        if task not in wanted or task not in TASKS:
+            continue
+        interval = s.reconcile_interval_s if task == "reconcile" else float(rate_seconds(rate))
+        out.append(Schedule(task, interval, {"task": task}))
+    return out
 
 
 def main() -> None:

@@ -332,8 +332,8 @@ class LocalStack:
             self._launch_scheduler()
 
     def _launch_scheduler(self, abort: threading.Event | None = None) -> None:
-        """Scheduled maintenance (reconcile), as EventBridge invokes it in AWS."""
-        _log("starting the scheduler (reconcile) ...")
+        """Scheduled maintenance (every task of tmuxi/schedules.py on its rate), as EventBridge invokes it in AWS."""
+        _log("starting the scheduler (maintenance tasks on the schedules of tmuxi/schedules.py) ...")
         self.scheduler_proc = self._spawn([sys.executable, "-m", "local.scheduler"], "scheduler.log",
                                           self._child_env())
         time.sleep(0.05)

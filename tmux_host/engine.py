@@ -143,6 +143,8 @@ class Engine:
         self._creating: dict[UUID, int] = {}
         # sessions that ended here: (state, reason); those not yet written to the record are in _unreported
         self._gone: dict[UUID, tuple[str, str]] = {}
+        # sessions with input since the last heartbeat: reported with it (_report_activity)
+        self._touched: set[UUID] = set()
         self._unreported: dict[UUID, tuple[str, str]] = {}
         self._locks: dict[int, asyncio.Lock] = {}  # per account: start / stop of its server, creates on it
         self._counter = itertools.count(1)
@@ -549,6 +551,7 @@ class Engine:
                     logger.warning("registry heartbeat failed", extra={"error": str(exc)})
                 if self._unreported:
                     await self._report_ended()
+                await self._report_activity()
                 if beat % CONFIRM_EVERY == 0:
                     await self._confirm()
             if self.settings.ecs_container_metadata_uri is not None:  # on ECS: sessions per task, for autoscaling
@@ -559,6 +562,24 @@ class Engine:
                     await asyncio.to_thread(self.recorder.flush)
                     await asyncio.to_thread(self.recorder.retry_uploads)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _report_activity(self) -> None:
+        """Sessions someone typed into (WebSocket keystrokes come here through `$default`, never through the API,
+        which records the REST input it forwards) or has a viewer attached to, since the last beat: one batched
+        report, which bumps their last_active_at, so idle cleanup does not end a session in use. A report that
+        fails goes with the next beat."""
+        report = getattr(self.registry, "sessions_active", None)
+        if report is None:
+            return
+        ids = self._touched | {v.stream.session_id for v in self.live.viewers.values()}
+        if not ids:
+            return
+        self._touched = set()
+        try:
+            await asyncio.to_thread(report, self.host_id, ids)
+        except Exception as exc:
+            self._touched |= ids
+            logger.warning("activity report failed; sent again with the next heartbeat", extra={"error": str(exc)})
 
     def host_info(self) -> HostInfo:
         extra = {a: n for a, n in self.extra_sessions.items() if n}
@@ -792,6 +813,7 @@ class Engine:
 
     async def send_input(self, session_id: UUID, data: bytes | None = None, keys: list[str] | None = None) -> None:
         rec = self._get(session_id)
+        self._touched.add(session_id)
         if data is not None and len(data) > self.settings.max_input_bytes:
             raise errors.PayloadTooLarge(f"input is over {self.settings.max_input_bytes} bytes")
         if data:

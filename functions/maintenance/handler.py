@@ -1,42 +1,49 @@
 """Lambda entry point of scheduled maintenance. An EventBridge schedule invokes it with a constant input naming
 the task, ``{"task": "reconcile"}``; locally the stack's scheduler does the same (local/scheduler.py).
 
-Tasks:
+Tasks (their schedules: tmuxi/schedules.py SCHEDULES; their logic: services/maintenance.py):
   reconcile   sessions on hosts that stopped heartbeating become lost; creates and deletes left half-done are
-              finished or rolled back (services/sessions.py ``reconcile``).
+              finished or rolled back; tmux sessions without a row killed, active rows without a tmux session
+              lost; Redis entries of ended sessions deleted.
   prune_live  WebSocket connect tickets past use, and connection records whose $disconnect never came
               (services/live.py ``prune``).
+  cleanup     sessions idle past TMUXI_SESSION_IDLE_TIMEOUT_S (or older than TMUXI_SESSION_MAX_LIFETIME_S) deleted.
+  health      PostgreSQL, Redis, each host: EMF metrics postgres_up, redis_up, hosts_up ...
+  capacity    active sessions (all, per host), host CPU/memory, request rate: EMF metrics.
+  retention   revoked tokens past expiry, old audit events, old ended sessions deleted.
+  vacuum      VACUUM ANALYZE of the tables.
+  backup      a backup of the database (services/backup.py ``run_task``).
 
-A task that fails raises: the invocation is an error, which CloudWatch counts and alarms on, and the next
-schedule tries again.
+Every run takes its task's advisory lock (a second run at once is ``skipped``) and is recorded in
+``maintenance_runs``. A task that fails raises: the invocation is an error, which CloudWatch counts and alarms on,
+and the next schedule tries again.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 from tmuxi import snapstart
-from tmuxi.observability import logger
-from tmuxi.services import live, sessions
+from tmuxi.services import backup, maintenance
 
 snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
-TASKS: dict[str, Callable[[], dict[str, int]]] = {"reconcile": sessions.reconcile, "prune_live": live.prune}
+TASKS: dict[str, maintenance.Task] = {
+    "reconcile": maintenance.reconcile,
+    "prune_live": maintenance.prune_live,
+    "cleanup": maintenance.cleanup,
+    "health": maintenance.health,
+    "capacity": maintenance.capacity,
+    "retention": maintenance.retention,
+    "vacuum": maintenance.vacuum,
+    "backup": lambda s, conn: dict(backup.run_task()),  # services/backup.py (its own engineer's)
+}
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """``event``: the EventBridge rule's constant input, ``{"task": <name>}``. Returns ``{"task", "status"
+    (ok / skipped), "result"}``; a failed task raises (logged and recorded by ``maintenance.run``)."""
     task = event.get("task") if isinstance(event, dict) else None
     if task not in TASKS:
         raise ValueError(f"unknown maintenance task {task!r}: the schedule's input must be one of "
                          f"{[{'task': t} for t in TASKS]}")
-    t0 = time.perf_counter()
-    try:
-        result = TASKS[task]()
-    except Exception as exc:
-        logger.warning("maintenance task failed", extra={"task": task, "status": "error", "error": str(exc)[:300],
-                                                         "duration": round((time.perf_counter() - t0) * 1000, 3)})
-        raise
-    duration = round((time.perf_counter() - t0) * 1000, 3)
-    logger.info("maintenance task done", extra={"task": task, "status": "ok", "duration": duration, **result})
-    return {"task": task, "status": "ok", "result": result}
+    return maintenance.run(task, TASKS[task])

@@ -772,3 +772,22 @@ def clear_failures(key: str) -> None:
     """Forget ``key``'s failures and lockout (a successful login clears its username's)."""
     _local_failures.clear(key)
     _gate.call(lambda r: r.delete(*_failure_keys(key)))
+
+
+# --- scheduled maintenance (services/maintenance.py) ---------------------------------------------------------
+def invalidate_sessions(session_ids: list[str]) -> None:
+    """``invalidate_session`` for many sessions: one DEL and one flushing round trip for all of them (cleanup
+    ends sessions by the thousand; one round trip pair each cost ~0.2 ms x 2 x 10,000)."""
+    if not session_ids:
+        return
+    keys = [f"session:{sid}" for sid in session_ids]
+    if isinstance(_gate.call(lambda r: _flushed(r, r.delete(*keys))), _Down):
+        _gate.mark_missed_write()
+
+
+def cached_session_ids() -> list[str] | None:
+    """The ids of the sessions cached in Redis (SCAN, never KEYS: Redis keeps serving meanwhile); None when
+    Redis is down."""
+    res = _gate.call(lambda r: [k.decode() if isinstance(k, bytes) else str(k)
+                                for k in r.scan_iter(match="session:*", count=1000)])
+    return None if isinstance(res, _Down) else [k.split(":", 1)[1] for k in res]

@@ -11,7 +11,7 @@ from tmuxi import cache
 from tmuxi.db import repo
 from tmuxi.errors import AppError, HostUnavailable
 from tmuxi.host_client import HostInfo
-from tmuxi.observability import logger
+from tmuxi.observability import POSTGRES_UP, logger
 from tmuxi.settings import get_settings
 
 _url_cache: dict[str, tuple[str, float]] = {}
@@ -29,7 +29,10 @@ def heartbeat(info: HostInfo) -> None:
             repo.set_extra_sessions(info.host_id, info.extra_sessions)
             _reported_extra[info.host_id] = dict(info.extra_sessions)
     except AppError as exc:
+        POSTGRES_UP.labels(component="host").set(0)  # the host's view of its dependency (DatabaseDown)
         logger.warning("heartbeat not recorded in PostgreSQL", extra={"host_id": info.host_id, "error": exc.message})
+    else:
+        POSTGRES_UP.labels(component="host").set(1)
 
 
 def sessions_ended(host_id: str, ended: dict[UUID, tuple[str, str]]) -> None:
@@ -115,3 +118,10 @@ def connection_target(connection_id: str) -> tuple[str, str] | None:
     attached. Not cached: an attach may move a connection to another host at any moment."""
     row = repo.ws_connection_target(connection_id)
     return (str(row["host_id"]), str(row["url"])) if row is not None else None
+
+
+def sessions_active(host_id: str, session_ids: set[UUID]) -> None:
+    """Called by a host with its sessions that had input or viewers since its last heartbeat (activity over
+    WebSocket the API does not see): their last_active_at is bumped, so idle cleanup leaves them. Raises if the
+    record cannot be written (the host sends them again)."""
+    repo.touch_sessions(host_id, sorted(session_ids))

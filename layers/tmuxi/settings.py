@@ -137,6 +137,22 @@ class Settings(BaseSettings):
     host_dead_after_s: float = Field(15.0, gt=0)
     # how often scheduled reconciliation runs (EventBridge: rate(1 minute); the local stack's scheduler: this)
     reconcile_interval_s: float = Field(60.0, gt=0)
+    # --- Scheduled maintenance (functions/maintenance/handler.py, services/maintenance.py; schedules:
+    # tmuxi/schedules.py). A session with no activity (API input, resize, exec; WebSocket keystrokes or a viewer
+    # attached, reported by its host's heartbeat) for session_idle_timeout_s is deleted by `cleanup` (20 minutes:
+    # AWS Session Manager's default idle timeout); one older than session_max_lifetime_s is deleted whatever its
+    # activity (0: no maximum, as Session Manager's maximum session duration is unset by default).
+    session_idle_timeout_s: int = Field(1200, ge=60)
+    session_max_lifetime_s: int = Field(0, ge=0)
+    # `retention`: audit events (and maintenance run records) older than this many days are deleted; ended
+    # sessions (deleted, failed, exited, lost) once they ended this many days ago
+    audit_retention_days: int = Field(90, ge=1)
+    ended_session_retention_days: int = Field(30, ge=1)
+    # rows per statement when maintenance deletes or ends many (each batch is one short transaction)
+    maintenance_batch_size: int = Field(1000, ge=1, le=10_000)
+    # The local stack's scheduler only: the tasks it runs (comma-separated; None: every task of SCHEDULES;
+    # "none": none, e.g. a benchmark that runs a task itself)
+    scheduler_tasks: str | None = None
     shell: str = "/bin/bash"
     # --- The host as an ECS service (README "Deploys, scale-in and sessions"). ECS sets ECS_AGENT_URI in every task
     # (its agent's endpoint; TMUXI_ECS_AGENT_URI overrides it). Set: the host protects its task from scale-in while it
@@ -186,6 +202,10 @@ class Settings(BaseSettings):
     # One recording (one session on one host run) stops growing past this; a marker says so.
     recording_max_bytes: int = Field(64 << 20, ge=1 << 20)
 
+    # --- Backups: logical exports of the database (services/backup.py, `python -m ops.backup_cmds`)
+    # "s3://bucket/prefix" or a local directory (default <data_dir>/backups); s3_endpoint_url applies here too.
+    backups_url: str | None = None
+
     # --- Containment of users' shells (README "Security model")
     # auto: each user's shells run as an OS account of their own whenever the host can switch users (root, or
     # CAP_SETUID + CAP_SETGID), else everything runs as the host's own user, with a loud warning (development
@@ -210,6 +230,15 @@ class Settings(BaseSettings):
     # The local WebSocket API (one process: it holds the connections and serves @connections, as API Gateway's
     # WebSocket API is an endpoint of its own)
     gateway_ws_port: int = Field(8081, ge=0, le=65535)
+
+    # --- Incident notifications (the alerts function, services/incidents.py): the guide's initial, update and
+    # resolution messages, posted as Slack-style JSON {"text": ...} to a webhook. The URL is a credential (whoever
+    # holds a Slack webhook URL can post to the channel): in AWS name a secret, JSON {"url": ...}, instead; the id
+    # wins. Neither set: incidents are recorded, no message is sent.
+    alert_webhook_url: SecretStr | None = None
+    alert_webhook_secret_id: str | None = None
+    # Each attempt (two at most: one retry) waits this long; the alerts function's 60 s timeout covers both.
+    alert_webhook_timeout_s: float = Field(5.0, gt=0, le=10)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

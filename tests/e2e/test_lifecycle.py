@@ -215,14 +215,13 @@ def test_a_killed_tmux_server_marks_its_sessions_lost(stack: StackHandle) -> Non
     """Lost, with that reason, even while requests keep arriving for its sessions (a request may be the first to
     meet the new server the host starts in its place)."""
     _, h = stack.new_user()
-    a, b = _create(stack, h), None
-    deadline = time.monotonic() + 30
-    while b is None or b["host_id"] != a["host_id"]:  # two sessions on one user's server
-        assert time.monotonic() < deadline, "no second session landed on the first one's host"
-        if b is not None:  # placed on the other host (it has more room, or a's was skipped a moment): try again
-            assert stack.client.delete(f"/sessions/{b['id']}", headers=h).status_code == 204
-            time.sleep(0.2)
-        b = _create(stack, h)
+    # two sessions on one user's server: of three sessions on two hosts, two share one (placement goes by free
+    # room, so deleting a session placed on the other host and trying again can land there every time)
+    made: list[dict[str, Any]] = []
+    while not any(x["host_id"] == y["host_id"] for i, x in enumerate(made) for y in made[i + 1:]):
+        assert len(made) < 4, made  # (two hosts; three if another test left one up)
+        made.append(_create(stack, h))
+    a, b = next((x, y) for i, x in enumerate(made) for y in made[i + 1:] if x["host_id"] == y["host_id"])
     pid = _server_pid(stack, a["host_id"], _account(a["id"]))
     stop = time.monotonic() + 1.5
 
@@ -262,7 +261,9 @@ def test_reconcile_runs_as_a_scheduled_lambda(stack: StackHandle) -> None:
     from local.lambda_context import LambdaContext
 
     out = handler({"task": "reconcile"}, LambdaContext(function_name="maintenance"))
-    assert out["status"] == "ok" and set(out["result"]) == {"lost", "failed", "deleted", "pending"}
+    # skipped: the stack's scheduler was running reconcile at that moment (the task's advisory lock)
+    assert out["status"] == "skipped" or (out["status"] == "ok" and set(out["result"]) >= {
+        "lost", "failed", "deleted", "pending", "orphans_killed", "missing_ended", "stale_cache_keys"}), out
     try:
         handler({"task": "nope"}, LambdaContext(function_name="maintenance"))
     except ValueError as exc:

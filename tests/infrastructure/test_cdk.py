@@ -27,6 +27,7 @@ from cdk.names import FUNCTIONS, SNAPSTART_FUNCTIONS
 from layers.build import function_names
 from tmux_host.accounts import HOST_CAPABILITIES
 from tmuxi.routes import GATEWAY_RESPONSES, ROUTES, WS_CONNECTION_HEADER, WS_ROUTES
+from tmuxi.schedules import SCHEDULES
 from tmuxi.settings import ENV_PREFIX, Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,15 +327,15 @@ def test_each_role_reads_only_the_secrets_it_needs_and_the_hosts_never_the_jwt_k
                *resources(t, "AWS::SecretsManager::SecretTargetAttachment")]
 
     def secret_kind(lid: str) -> str:
-        for kind in ("Jwt", "HostSecret", "RedisAuth", "Postgres", "Database"):
+        for kind in ("Jwt", "HostSecret", "RedisAuth", "AlertWebhook", "Postgres", "Database"):
             if kind in lid:
                 return {"Postgres": "db", "Database": "db", "Jwt": "jwt", "HostSecret": "host",
-                        "RedisAuth": "redis"}[kind]
+                        "RedisAuth": "redis", "AlertWebhook": "webhook"}[kind]
         raise AssertionError(lid)
 
     expected = {"api": {"db", "redis", "host", "jwt"}, "authorizer": {"db", "redis", "jwt"},
                 "ws": {"db", "redis", "host", "jwt"}, "maintenance": {"db", "redis", "host", "jwt"},
-                "alerts": {"db"}, "migrate": {"db"}, "host": {"db", "redis", "host"}}
+                "alerts": {"db", "webhook"}, "migrate": {"db"}, "host": {"db", "redis", "host"}}
     task = one(t, "AWS::ECS::TaskDefinition")
     roles = {f["Handler"].split(".")[1]: f["Role"]["Fn::GetAtt"][0] for f in _functions(t).values()}
     roles["host"] = task["TaskRoleArn"]["Fn::GetAtt"][0]
@@ -359,8 +360,18 @@ def test_maintenance_schedules_send_each_task_on_its_schedule(env: tuple[EnvConf
     rules = resources(t, "AWS::Events::Rule")
     scheduled = {json.loads(r["Targets"][0]["Input"])["task"]: r["ScheduleExpression"] for r in rules.values()
                  if "ScheduleExpression" in r}
-    assert scheduled == config.schedules
-    assert set(scheduled) <= set(TASKS)
+    assert scheduled == config.schedules == SCHEDULES  # cdk.json overrides none: the local scheduler's table
+    assert set(scheduled) == set(TASKS)  # every task runs on a schedule
+
+
+def test_schedule_overrides_are_checked_and_laid_over_the_shared_table() -> None:
+    raw = dict(CONTEXT[CONTEXT_KEY]["dev"])
+    assert EnvConfig.from_context("dev", {**raw, "schedule_overrides": {"vacuum": "rate(7 days)"}}).schedules == {
+        **SCHEDULES, "vacuum": "rate(7 days)"}
+    with pytest.raises(ValueError, match="no maintenance task"):
+        _ = EnvConfig.from_context("dev", {**raw, "schedule_overrides": {"vacum": "rate(7 days)"}}).schedules
+    with pytest.raises(ValueError, match="not an EventBridge rate expression"):
+        _ = EnvConfig.from_context("dev", {**raw, "schedule_overrides": {"vacuum": "every day"}}).schedules
 
 
 def test_alarms_cover_the_guides_rules_and_notify_the_alerts_function(env: tuple[EnvConfig, Template]) -> None:

@@ -685,3 +685,231 @@ def prune_live(ticket_grace_s: float, connection_max_s: float) -> tuple[int, int
             "DELETE FROM ws_connections WHERE connected_at < now() - make_interval(secs => %s)", (connection_max_s,)
         ).rowcount
     return tickets, connections
+
+
+# --- scheduled maintenance (services/maintenance.py; migration 0010) ----------------------------------------
+# Advisory lock keys: (this class, hashtext(task)): one per task, apart from any other use of advisory locks.
+MAINTENANCE_LOCK_CLASS = 0x746D78  # "tmx"
+
+
+def maintenance_lock_connection() -> psycopg.Connection[Any]:
+    """A connection of its own (not the pool's) for a maintenance run: it holds the task's advisory lock for the
+    whole run, however long, where a pooled connection is cut after one statement's bound; VACUUM runs on it too
+    (outside a transaction, no statement timeout). The caller closes it (closing releases the lock)."""
+    from tmuxi.db.pool import _conninfo
+    from tmuxi.settings import get_settings
+
+    conn = psycopg.connect(_conninfo(get_settings()), autocommit=True, row_factory=psycopg.rows.dict_row)
+    conn.execute("SET statement_timeout = 0")
+    return conn
+
+
+def try_maintenance_lock(conn: psycopg.Connection[Any], task: str) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s)) AS got",
+                       (MAINTENANCE_LOCK_CLASS, task)).fetchone()
+    return bool(row and row["got"])
+
+
+def start_maintenance_run(task: str, status: str = "running", result: dict[str, Any] | None = None) -> int:
+    with connection() as conn:
+        row = conn.execute(
+            "INSERT INTO maintenance_runs (task, status, result, finished_at)"
+            " VALUES (%s, %s, %s, CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id",
+            (task, status, psycopg.types.json.Jsonb(result or {}), status),
+        ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+def finish_maintenance_run(run_id: int, status: str, result: dict[str, Any], error: str | None = None) -> None:
+    with connection() as conn:
+        conn.execute(
+            "UPDATE maintenance_runs SET status = %s, result = %s, error = %s, finished_at = now() WHERE id = %s",
+            (status, psycopg.types.json.Jsonb(result), error, run_id),
+        )
+
+
+def maintenance_runs(task: str | None = None, limit: int = 100) -> list[Row]:
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, task, started_at, finished_at, status, result, error FROM maintenance_runs"
+            " WHERE %(task)s::text IS NULL OR task = %(task)s ORDER BY id DESC LIMIT %(limit)s",
+            {"task": task, "limit": limit},
+        ).fetchall()
+
+
+IDLE_REASON = "idle for longer than the idle timeout"
+LIFETIME_REASON = "reached its maximum lifetime"
+
+
+def begin_cleanup_batch(idle_s: float, max_life_s: float, limit: int) -> list[Row]:
+    """Up to ``limit`` active sessions idle for longer than ``idle_s`` (or older than ``max_life_s``, when > 0)
+    become ``deleting`` with the reason, audited as a delete, in one transaction: the first step of a delete
+    (sessions.delete_session). The conditions are checked again on each row as it is updated, so a session with
+    activity meanwhile is not taken; rows another run holds are skipped (SKIP LOCKED). Returns id, host_id,
+    end_reason of the rows taken."""
+    cond = ("(last_active_at < now() - make_interval(secs => %(idle)s)"
+            " OR (%(life)s > 0 AND created_at < now() - make_interval(secs => %(life)s)))")
+    with connection() as conn, conn.transaction():
+        rows = conn.execute(
+            f"UPDATE sessions SET state = 'deleting', end_reason = CASE WHEN %(life)s > 0 AND"
+            f"  created_at < now() - make_interval(secs => %(life)s) THEN %(life_reason)s ELSE %(idle_reason)s END"
+            f" WHERE id IN (SELECT id FROM sessions WHERE state = 'active' AND {cond}"
+            f"  ORDER BY last_active_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            f" AND state = 'active' AND {cond} RETURNING id, host_id, end_reason",
+            {"idle": idle_s, "life": max_life_s, "limit": limit, "idle_reason": IDLE_REASON,
+             "life_reason": LIFETIME_REASON},
+        ).fetchall()
+        _audit_many(conn, "session.delete", rows)
+        return rows
+
+
+def finish_deletes(session_ids: list[UUID]) -> list[Row]:
+    """``deleting`` -> ``deleted`` for these sessions (their tmux sessions are gone), audited, in one
+    transaction. Returns id, end_reason of the rows changed."""
+    if not session_ids:
+        return []
+    with connection() as conn, conn.transaction():
+        rows = conn.execute(
+            "UPDATE sessions SET state = 'deleted' WHERE id = ANY(%s) AND state = 'deleting'"
+            " RETURNING id, host_id, end_reason", (session_ids,),
+        ).fetchall()
+        _audit_many(conn, "session.deleted", rows)
+        return rows
+
+
+def _audit_many(conn: psycopg.Connection[Any], action: str, rows: list[Row]) -> None:
+    """One audit event per row (actor: the system), in one statement."""
+    if rows:
+        conn.execute(
+            "INSERT INTO audit_events (actor_id, action, session_id, status, detail)"
+            " SELECT NULL, %s, r.id, 'ok', jsonb_build_object('reason', r.reason)"
+            " FROM unnest(%s::uuid[], %s::text[]) AS r(id, reason)",
+            (action, [r["id"] for r in rows], [r["end_reason"] for r in rows]),
+        )
+
+
+def touch_sessions(host_id: str, session_ids: list[UUID]) -> int:
+    """A host reports activity the API does not see (WebSocket keystrokes, viewers attached): these sessions'
+    last_active_at becomes now, in one statement (only sessions placed on that host, active)."""
+    if not session_ids:
+        return 0
+    with connection() as conn:
+        return conn.execute(
+            # at most every 30 s per session: a watched session is reported every beat, its row stays cool
+            "UPDATE sessions SET last_active_at = now() WHERE id = ANY(%s) AND host_id = %s AND state = 'active'"
+            " AND last_active_at < now() - interval '30 seconds'",
+            (session_ids, host_id),
+        ).rowcount
+
+
+def live_hosts(dead_after_s: float) -> list[Row]:
+    """Hosts heartbeating, with how long their current run has been up."""
+    with connection() as conn:
+        return conn.execute(
+            "SELECT id, url, capacity, active_sessions, started_at, last_heartbeat,"
+            " extract(epoch FROM now() - started_at) AS up_s FROM hosts"
+            " WHERE last_heartbeat > now() - make_interval(secs => %s) ORDER BY id", (dead_after_s,),
+        ).fetchall()
+
+
+def active_sessions_on_host(host_id: str, settled_s: float) -> set[UUID]:
+    """Sessions active on a host since at least ``settled_s`` ago."""
+    with connection() as conn:
+        rows = conn.execute(
+            "SELECT id FROM sessions WHERE host_id = %s AND state = 'active'"
+            " AND state_changed_at < now() - make_interval(secs => %s)", (host_id, settled_s),
+        ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def holding_sessions_on_host(host_id: str, session_ids: list[UUID]) -> set[UUID]:
+    """Of these ids, the sessions the record has holding a tmux session on that host."""
+    if not session_ids:
+        return set()
+    with connection() as conn:
+        rows = conn.execute(
+            "SELECT id FROM sessions WHERE id = ANY(%s) AND host_id = %s AND state = ANY(%s)",
+            (session_ids, host_id, list(HOLDING_STATES)),
+        ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def not_live_sessions(session_ids: list[UUID]) -> set[UUID]:
+    """Of these ids, those of sessions recorded as ended. (Not those the record does not have: a Redis shared
+    with another database -- another environment, the tests' own databases -- holds entries of sessions this one
+    never knew, which are not this reconcile's to delete; the cache TTL bounds them.)"""
+    if not session_ids:
+        return set()
+    with connection() as conn:
+        rows = conn.execute(
+            "SELECT s.id FROM sessions s WHERE s.id = ANY(%s::uuid[]) AND s.state = ANY(%s)",
+            (session_ids, list(ENDED_STATES)),
+        ).fetchall()
+    return {r["id"] for r in rows}
+
+
+def delete_expired_revocations(limit: int) -> int:
+    """One batch of revoked tokens past their expiry (an expired token is refused anyway)."""
+    with connection() as conn:
+        return conn.execute(
+            "DELETE FROM revoked_tokens WHERE jti IN (SELECT jti FROM revoked_tokens WHERE expires_at < now()"
+            " LIMIT %s)", (limit,),
+        ).rowcount
+
+
+def delete_old_audit_events(days: int, limit: int) -> int:
+    """One batch of audit events older than ``days`` (oldest first)."""
+    with connection() as conn:
+        return conn.execute(
+            "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events"
+            " WHERE at < now() - make_interval(days => %s) ORDER BY at LIMIT %s)", (days, limit),
+        ).rowcount
+
+
+def delete_old_maintenance_runs(days: int) -> int:
+    with connection() as conn:
+        return conn.execute("DELETE FROM maintenance_runs WHERE started_at < now() - make_interval(days => %s)",
+                            (days,)).rowcount
+
+
+def delete_old_ended_sessions(days: int, limit: int) -> int:
+    """One batch of sessions that ended more than ``days`` ago, with what refers to them (their shares, and the
+    tickets and connection records of those shares or of them), in one transaction."""
+    with connection() as conn, conn.transaction():
+        ids = [r["id"] for r in conn.execute(
+            "SELECT id FROM sessions WHERE ended_at < now() - make_interval(days => %s) AND state = ANY(%s)"
+            " ORDER BY ended_at LIMIT %s FOR UPDATE SKIP LOCKED", (days, list(ENDED_STATES), limit),
+        ).fetchall()]
+        if not ids:
+            return 0
+        shares = "SELECT id FROM ws_shares WHERE session_id = ANY(%(ids)s)"
+        conn.execute(f"DELETE FROM ws_tickets WHERE session_id = ANY(%(ids)s) OR share_id IN ({shares})",
+                     {"ids": ids})
+        conn.execute(f"DELETE FROM ws_connections WHERE scope_session_id = ANY(%(ids)s) OR session_id = ANY(%(ids)s)"
+                     f" OR share_id IN ({shares})", {"ids": ids})
+        conn.execute("DELETE FROM ws_shares WHERE session_id = ANY(%s)", (ids,))
+        return conn.execute("DELETE FROM sessions WHERE id = ANY(%s)", (ids,)).rowcount
+
+
+MAINTAINED_TABLES = ("sessions", "audit_events", "users", "hosts", "host_extra_sessions", "revoked_tokens",
+                     "ws_shares", "ws_tickets", "ws_connections", "maintenance_runs")
+
+
+def vacuum_analyze(conn: psycopg.Connection[Any], table: str) -> None:
+    """VACUUM ANALYZE one table, on a connection outside any transaction (VACUUM cannot run in one)."""
+    conn.execute(psycopg.sql.SQL("VACUUM (ANALYZE) {}").format(psycopg.sql.Identifier(table)))
+
+
+def capacity_counts(window_s: float) -> Row:
+    """Active sessions in all and per host, and the terminal/API actions recorded (audit events) in the last
+    ``window_s`` seconds."""
+    with connection() as conn:
+        per_host = conn.execute(
+            "SELECT host_id, count(*) AS n FROM sessions WHERE state = 'active' GROUP BY host_id ORDER BY host_id"
+        ).fetchall()
+        recent = conn.execute(
+            "SELECT count(*) AS n FROM audit_events WHERE at > now() - make_interval(secs => %s)", (window_s,)
+        ).fetchone()
+    return {"per_host": {str(r["host_id"]): int(r["n"]) for r in per_host},
+            "actions": int(recent["n"]) if recent else 0}
