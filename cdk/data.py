@@ -88,6 +88,13 @@ class Secrets(Construct):
         self.host = generated("HostSecret", "host_secret", "shared secret of the tmux hosts' internal API")
         # ElastiCache AUTH token (no punctuation: ElastiCache refuses some of it)
         self.redis = generated("RedisAuth", "auth_token", "ElastiCache Redis AUTH token")
+        # Where the alerts function posts incident messages: the operator puts {"url": "https://hooks..."} in it
+        # (a webhook URL is a credential). Until then incidents are recorded and each message is logged as not sent.
+        self.alert_webhook = sm.Secret(self, "AlertWebhook", description="incident webhook: JSON {\"url\": ...}",
+                                       secret_object_value={})
+        NagSuppressions.add_resource_suppressions(self.alert_webhook, [{
+            "id": "AwsSolutions-SMG4", "reason": "a third party's webhook URL: it is replaced by the operator when "
+                                                 "the receiving side issues a new one, not rotated by AWS"}])
 
 
 class Database(Construct):

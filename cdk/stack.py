@@ -54,6 +54,12 @@ class TmuxiStack(Stack):
             values: dict[str, str | int | float | None] = {**common, **live}
             if name == "api":
                 values["rate_limit_processes"] = config.api_reserved_concurrency
+            if name == "alerts":
+                values["alert_webhook_secret_id"] = self.secrets.alert_webhook.secret_arn
+            if name == "maintenance":
+                values["backups_url"] = f"s3://{self.buckets.backups.bucket_name}/backups"
+            if name == "maintenance":  # its `backup` task (services/backup.py)
+                values["backups_url"] = f"s3://{self.buckets.backups.bucket_name}/backups"
             for key, value in settings_env(values).items():
                 fn.add_environment(key, value)
         host_env = settings_env({
@@ -72,7 +78,7 @@ class TmuxiStack(Stack):
             "authorizer": (db, redis_auth, jwt),
             "ws": (db, redis_auth, host, jwt),
             "maintenance": (db, redis_auth, host, jwt),
-            "alerts": (db,),
+            "alerts": (db, self.secrets.alert_webhook),
             "migrate": (db,),
         }
         for name, secrets in readable.items():

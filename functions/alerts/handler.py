@@ -1,10 +1,11 @@
 """Lambda entry point of alarm notifications: CloudWatch alarms -> the SNS alarm topic -> here.
 
 Each SNS record carries a CloudWatch alarm state change (JSON). The alarm's description names the operations
-guide's rule and severity (``severity=critical rule=ServiceDown: ...``, cdk/monitoring.py); this function turns
-each notification into one structured log line (``alarm``, ``rule``, ``severity``, ``priority``, ``status`` =
-the new state) that the log analysis and the incident records build on. A record that is not an alarm
-notification is logged and skipped, never retried forever.
+guide's rule and severity (``severity=critical rule=ServiceDown: ...``, cdk/monitoring.py); this function logs
+each notification as one structured line (``alarm``, ``rule``, ``severity``, ``priority``, ``status`` = the new
+state) and hands it to services/incidents.py, which opens, updates or resolves the alarm's incident and sends the
+guide's message. A record that is not an alarm notification is logged and skipped, never retried forever; a
+database that cannot be reached raises (Lambda retries the asynchronous invocation; a failed webhook does not).
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import re
 from typing import Any
 
 from tmuxi.observability import logger, request_context
+from tmuxi.services import incidents
 
-# The guide's incident classification: critical alerts open P1 incidents, warnings P3.
-PRIORITY = {"critical": "P1", "warning": "P3"}
 _TAGS = re.compile(r"\b(severity|rule)=([A-Za-z0-9_-]+)")
 
 
@@ -27,13 +27,17 @@ def parse(message: str) -> dict[str, str]:
         raise ValueError("not JSON") from None
     if not isinstance(alarm, dict) or "AlarmName" not in alarm or "NewStateValue" not in alarm:
         raise ValueError("not a CloudWatch alarm notification (no AlarmName / NewStateValue)")
-    tags = dict(_TAGS.findall(str(alarm.get("AlarmDescription") or "")))
+    description = str(alarm.get("AlarmDescription") or "")
+    tags = dict(_TAGS.findall(description))
     severity = tags.get("severity", "warning")
+    rule = tags.get("rule", str(alarm["AlarmName"]))
     return {
         "alarm": str(alarm["AlarmName"]),
-        "rule": tags.get("rule", str(alarm["AlarmName"])),
+        "rule": rule,
         "severity": severity,
-        "priority": PRIORITY.get(severity, "P4"),
+        "priority": incidents.priority_for(severity, rule),
+        # the description's summary after the tags (cdk/monitoring.py: "severity=... rule=...: summary")
+        "title": (description.split(":", 1)[1].strip() if ":" in description else "")[:200] or rule,
         "state": str(alarm["NewStateValue"]),
         "previous_state": str(alarm.get("OldStateValue", "")),
         "reason": str(alarm.get("NewStateReason", ""))[:500],
@@ -42,8 +46,11 @@ def parse(message: str) -> dict[str, str]:
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, int]:
+    """Counts: ``alarms`` handled, ``skipped`` records, and per outcome (opened / updated / resolved / ignored,
+    and ``notify_failed``)."""
     records = event.get("Records") if isinstance(event, dict) else None
     seen = skipped = 0
+    counts = dict.fromkeys(("opened", "updated", "resolved", "ignored", "notify_failed"), 0)
     for record in records or []:
         sns = record.get("Sns") if isinstance(record, dict) else None
         message_id = sns.get("MessageId") if isinstance(sns, dict) else None
@@ -58,4 +65,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, int]:
             level = (logger.error if fields["severity"] == "critical" else logger.warning) \
                 if fields["state"] == "ALARM" else logger.info
             level("alarm", extra={**fields, "status": fields["state"].lower()})
-    return {"alarms": seen, "skipped": skipped}
+            outcome = incidents.on_alarm(fields)
+            counts[outcome["action"]] += 1
+            counts["notify_failed"] += outcome["notification"] == "failed"
+    return {"alarms": seen, "skipped": skipped, **counts}
