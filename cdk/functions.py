@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jsii
-from aws_cdk import BundlingOptions, DockerImage, Duration, ILocalBundling, RemovalPolicy
+from aws_cdk import BundlingOptions, DockerImage, Duration, ILocalBundling, RemovalPolicy, Size
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -98,6 +98,8 @@ class Functions(Construct):
             tracing=lambda_.Tracing.ACTIVE,
             snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS if snapstart else None,
             reserved_concurrent_executions=config.api_reserved_concurrency if name == "api" else None,
+            # the backup task spools each table's export in /tmp before uploading it
+            ephemeral_storage_size=Size.gibibytes(4) if name == "maintenance" else None,
             description=f"tmuxi {name}")
         self.functions[name] = fn
         self.roles[name] = role

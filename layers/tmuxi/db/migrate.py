@@ -82,8 +82,9 @@ class MigrationFailed(Exception):
         )
 
 
-def migrate(url: str, progress: Callable[[str], None] | None = None) -> list[int]:
-    """Apply pending migrations; return the versions applied. ``progress`` gets a line per step."""
+def migrate(url: str, progress: Callable[[str], None] | None = None, *, upto: int | None = None) -> list[int]:
+    """Apply pending migrations (those up to version ``upto`` only, when given: a restore recreates the schema of
+    its backup); return the versions applied. ``progress`` gets a line per step."""
     say = progress or (lambda _line: None)
     applied: list[int] = []
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
@@ -97,7 +98,7 @@ def migrate(url: str, progress: Callable[[str], None] | None = None) -> list[int
                 " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
             current = current_version(conn)
-            pending = [m for m in available() if m[0] > current]
+            pending = [m for m in available() if m[0] > current and (upto is None or m[0] <= upto)]
             say(f"schema at version {current}; this code's newest migration is {latest_version()}"
                 + (f"; {len(pending)} to apply" if pending else ""))
             for version, name, sql in pending:
