@@ -780,6 +780,14 @@ class LocalWsGateway:
         if path == "/metrics" and method == "GET":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+            if getattr(self._handler, "__module__", "functions.ws.handler") == "functions.ws.handler":
+                # serving the real ws function (None until its first event): its PostgreSQL and Redis, checked at scrape
+                # time as an exporter does (postgres_up / redis_up{component="ws"}); not in /health, which the
+                # stack's supervisor probes with a short timeout that a PostgreSQL connect timeout would outlast
+                from tmuxi.services import health
+
+                with contextlib.suppress(Exception):  # a scrape answers whatever the check did
+                    await asyncio.to_thread(health.health, "ws")
             await _respond(send, 200, generate_latest(_metrics().REGISTRY), content_type=CONTENT_TYPE_LATEST)
             return
         connection_id = connection_id_of(path, self.stage)

@@ -22,6 +22,22 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 # redis-server from apt starts a system service on 6379; the stack runs its own on a free port instead.
+# promtool (the alert rules' checks and unit tests: tests/integration/test_alert_rules.py) comes only in Debian's
+# prometheus package. Its server is not wanted: no recommends (they add the node exporter, a service on 9100), and
+# the prometheus service its postinst enables (and, under systemd, starts on 9090) is stopped and disabled.
+if ! command -v promtool >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "[setup] installing promtool (Debian's prometheus package) with apt-get ..."
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then  # sysvinit: invoke-rc.d started it unless a policy-rc.d refused
+    $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    $sudo update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+fi
 
 py=""
 for cand in python3.11 python3.12 python3.13 python3; do

@@ -53,7 +53,7 @@ from tmuxi.models import (
     ValidateResponse,
     WsTicket,
 )
-from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger, request_context
+from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, emit_request_metrics, logger, request_context
 from tmuxi.pagination import MAX_PAGE, decode_cursor
 from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
@@ -547,6 +547,7 @@ class _EdgeMiddleware:
             )
         children[0].inc()
         children[1].observe(elapsed)
+        ids = _request_ids(scope)
         logger.info(
             "request",
             extra={
@@ -554,9 +555,13 @@ class _EdgeMiddleware:
                 "route": route,
                 "status": status,
                 "duration": round(elapsed * 1000, 3),
-                **_request_ids(scope),
+                **ids,
             },
         )
+        # the same request for CloudWatch (EMF; nothing scrapes a function's registry): 401 is an authentication
+        # failure (a refused login or token), 5xx an error
+        emit_request_metrics(COMPONENT, route=route, status=status, duration_s=elapsed, error=status >= 500,
+                             auth_failure=status == 401, request_id=ids["request_id"])
 
 
 # Routes without a token (per source address limit, services/throttle.py)

@@ -8,15 +8,18 @@ carries the request's id (``correlation_id``).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tmuxi import snapstart
 from tmuxi.errors import Unauthorized
 from tmuxi.models import Principal
-from tmuxi.observability import AUTH_FAILURES, logger, request_context
+from tmuxi.observability import AUTH_FAILURES, emit_request_metrics, logger, request_context
 from tmuxi.services import auth as auth_service
 
 snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
+
+COMPONENT = "authorizer"
 
 
 class _Refused(Exception):
@@ -74,20 +77,37 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     # Bound per thread (not Logger.set_correlation_id, which is process-wide): the local gateway runs several
     # invocations at once in the threads of one process.
     request_id = (event.get("requestContext") or {}).get("requestId")
-    with request_context(request_id if isinstance(request_id, str) else None):
-        return _authorize(event, request_id)
+    rid = request_id if isinstance(request_id, str) else None
+    with request_context(rid):
+        return _authorize(event, rid, time.perf_counter())
 
 
-def _authorize(event: dict[str, Any], request_id: Any) -> dict[str, Any]:
+def _authorize(event: dict[str, Any], request_id: str | None, start: float) -> dict[str, Any]:
+    # Each outcome ends with one line carrying the duration (as the API's "request" line does) and one EMF
+    # document; an unexpected exception (a dependency down) is logged by Lambda and counted as an error.
+    status, error = "error", True
     try:
-        token = bearer_token(event)
         try:
-            principal = auth_service.authorize(token)
-        except Unauthorized as exc:
-            raise _Refused(str((exc.details or {}).get("reason", "invalid")), counted=True) from None
-    except _Refused as refused:
-        if not refused.counted:  # header problems never reach authorize(), so they are counted here
-            AUTH_FAILURES.labels(reason=refused.reason).inc()
-        logger.info("authorization refused", extra={"reason": refused.reason, "request_id": request_id})
-        raise Exception("Unauthorized") from None  # noqa: TRY002 - the exact contract with API Gateway
-    return allow_policy(principal, str(event.get("methodArn", "")))
+            token = bearer_token(event)
+            try:
+                principal = auth_service.authorize(token)
+            except Unauthorized as exc:
+                raise _Refused(str((exc.details or {}).get("reason", "invalid")), counted=True) from None
+        except _Refused as refused:
+            status, error = "refused", False
+            if not refused.counted:  # header problems never reach authorize(), so they are counted here
+                AUTH_FAILURES.labels(reason=refused.reason).inc()
+            logger.info("authorization refused", extra={"reason": refused.reason, "request_id": request_id,
+                                                        "status": status, "duration": _ms_since(start)})
+            raise Exception("Unauthorized") from None  # noqa: TRY002 - the exact contract with API Gateway
+        policy = allow_policy(principal, str(event.get("methodArn", "")))
+        status, error = "allowed", False
+        logger.info("authorized", extra={"request_id": request_id, "status": status, "duration": _ms_since(start)})
+        return policy
+    finally:
+        emit_request_metrics(COMPONENT, route="authorize", status=status, duration_s=time.perf_counter() - start,
+                             error=error, auth_failure=status == "refused", request_id=request_id)
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

@@ -16,10 +16,17 @@ import time
 from typing import Any
 
 from tmuxi.db.migrate import latest_version, migrate_configured
-from tmuxi.observability import logger
+from tmuxi.observability import logger, request_context
 
 
 def handler(event: Any, context: Any) -> dict[str, Any]:
+    # no API request behind it: the invocation's own id is what its lines are found by (correlation_id)
+    rid = getattr(context, "aws_request_id", None)
+    with request_context(rid if isinstance(rid, str) else None):
+        return _migrate()
+
+
+def _migrate() -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         applied = migrate_configured(progress=lambda line: logger.info("migration step", extra={"step": line}))

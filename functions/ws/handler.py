@@ -27,12 +27,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tmuxi import snapstart
 from tmuxi.errors import AppError, BadRequest
-from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, logger, request_context
+from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, emit_request_metrics, logger, request_context
 from tmuxi.services import live, throttle
 
 snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
 
 COMPONENT = "ws"
+
+
+def _server_error_codes(cls: type[AppError] = AppError) -> frozenset[str]:
+    """The codes of 5xx errors: a refused message's outcome is its error's code; these count as tmux_errors."""
+    codes = {cls.code} if cls.status >= 500 else set()
+    for sub in cls.__subclasses__():
+        codes |= _server_error_codes(sub)
+    return frozenset(codes)
+
+
+_SERVER_ERRORS = _server_error_codes() | {"error"}  # "error": an unhandled exception
+
 Response = dict[str, Any]
 
 
@@ -184,3 +196,5 @@ def _serve(event: dict[str, Any], context: Any, rid: str | None) -> Response:
             "route": route, "status": outcome, "connection_id": connection_id,
             "duration": round(elapsed * 1000, 3), "request_id": rid,
             "lambda_request_id": getattr(context, "aws_request_id", None)})
+        emit_request_metrics(COMPONENT, route=route, status=outcome, duration_s=elapsed,
+                             error=outcome in _SERVER_ERRORS, auth_failure=outcome == "unauthorized", request_id=rid)

@@ -212,3 +212,79 @@ TASK_PROTECTION_UPDATES = Counter("tmux_task_protection_updates", "Calls to the 
                                   ["enabled", "status"], registry=REGISTRY)
 TASK_PROTECTED = Gauge("tmux_task_protected", "1 while this host's ECS task is protected from scale-in",
                        registry=REGISTRY)
+
+# --- issue 11: dependency health, process metrics, and EMF from the functions -----------------------------------
+# postgres_up / redis_up (the guide's names; ops/prometheus/rules/critical.yml DatabaseDown, RedisDown): the
+# dependency as this process last saw it -- 1 when its last check reached it, 0 when not. Labelled by the component
+# that checked, so a process that never checks one (a tmux host does not use Redis) exports nothing for it rather
+# than an unlabelled gauge's initial 0, which would read as "down". Set by tmuxi.services.health (the API's
+# /health; the local WebSocket gateway's /health and /metrics, component "ws") and, for PostgreSQL, by each tmux
+# host heartbeat (tmuxi.registry, component "host").
+POSTGRES_UP = Gauge("postgres_up", "1 when this process's last PostgreSQL check reached it, 0 when not",
+                    ["component"], registry=REGISTRY)
+REDIS_UP = Gauge("redis_up", "1 when this process's last Redis check reached it, 0 when not", ["component"],
+                 registry=REGISTRY)
+
+if TYPE_CHECKING:
+    from prometheus_client import ProcessCollector
+else:
+    ProcessCollector = _deferred("ProcessCollector")
+# process_resident_memory_bytes, process_cpu_seconds_total, process_start_time_seconds (HighMemoryUsage,
+# HighCPUUsage, PodCrashLooping): prometheus_client registers its process collector only in its default registry,
+# and REGISTRY is one of our own, so it is added here (deferred like the metrics: it reads /proc at scrape time).
+PROCESS = ProcessCollector(registry=REGISTRY)
+
+# EMF (CloudWatch embedded metric format) from the Lambda functions: nothing scrapes a function's Prometheus
+# registry, so each invocation prints one EMF document (Powertools Metrics) that CloudWatch Logs turns into metrics
+# in METRICS_NAMESPACE. Dimensions: service, environment and component only -- never a user, session or connection
+# id, nor the route or status (each distinct set of dimensions is a billed custom metric); those go in the
+# document's metadata, searchable with Logs Insights. tmux_errors and tmux_authentication_failures are written as
+# 0 or 1 on every invocation, so their CloudWatch Average is the fraction of invocations that failed.
+METRICS_NAMESPACE = "Tmuxi"  # = cdk/names.py METRICS_NAMESPACE (the layer does not import the CDK app)
+EMF_METRIC_NAMES = ("tmux_requests", "tmux_request_duration_seconds", "tmux_errors", "tmux_authentication_failures")
+
+
+_emf = threading.local()
+
+
+def _emf_metrics(component: str) -> Any:
+    """This thread's EphemeralMetrics for ``component``, made once with its dimensions. Reused: a flush empties
+    its metrics and metadata and keeps the default dimensions, and making one (plus its dimensions) was 30% of an
+    invocation's ~50 us of EMF. EphemeralMetrics, not Metrics: Metrics instances share one metric set per process,
+    and the local gateway runs several invocations at once in threads. Imported here, on the first request
+    (``aws_lambda_powertools.metrics``: 3.4 ms with ``python -X importtime``), not on the handler's import."""
+    made: dict[str, Any] | None = getattr(_emf, "by_component", None)
+    if made is None:
+        made = _emf.by_component = {}
+    metrics = made.get(component)
+    if metrics is None:
+        from aws_lambda_powertools.metrics import EphemeralMetrics
+
+        s = get_settings()
+        metrics = made[component] = EphemeralMetrics(namespace=METRICS_NAMESPACE, service=s.service_name)
+        metrics.set_default_dimensions(environment=s.environment, component=component)
+    return metrics
+
+
+def emit_request_metrics(component: str, *, route: str, status: int | str, duration_s: float, error: bool,
+                         auth_failure: bool = False, request_id: str | None = None) -> None:
+    """Print this invocation's EMF document (one line on stdout, which Lambda sends to CloudWatch Logs)."""
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    metrics = _emf_metrics(component)
+    metrics.add_metric(name="tmux_requests", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="tmux_request_duration_seconds", unit=MetricUnit.Seconds, value=duration_s)
+    metrics.add_metric(name="tmux_errors", unit=MetricUnit.Count, value=1 if error else 0)
+    metrics.add_metric(name="tmux_authentication_failures", unit=MetricUnit.Count, value=1 if auth_failure else 0)
+    metrics.add_metadata(key="route", value=route)
+    metrics.add_metadata(key="status", value=str(status))
+    if request_id:
+        metrics.add_metadata(key="request_id", value=request_id)
+    metrics.flush_metrics()
+
+
+def _import_emf() -> None:
+    import aws_lambda_powertools.metrics  # noqa: F401 - imported for the snapshot
+
+
+prime_before_snapshot(_import_emf)  # with SnapStart, a restored copy's first request does not pay the import

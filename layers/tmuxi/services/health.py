@@ -13,6 +13,7 @@ from tmuxi import __version__, cache
 from tmuxi.db import repo
 from tmuxi.errors import AppError
 from tmuxi.models import HealthResponse
+from tmuxi.observability import POSTGRES_UP, REDIS_UP
 from tmuxi.settings import get_settings
 
 _DB_CHECK_TTL_S = 1.0
@@ -39,9 +40,13 @@ def _database_checks() -> dict[str, str]:
         return checks
 
 
-def health() -> HealthResponse:
+def health(component: str = "api") -> HealthResponse:
+    """``component``: who asks (the label of postgres_up / redis_up, which this sets: the Prometheus alert rules'
+    DatabaseDown and RedisDown)."""
     checks = dict(_database_checks())
     checks["redis"] = "ok" if cache.available() else "down"
+    POSTGRES_UP.labels(component=component).set(checks["postgres"] == "ok")
+    REDIS_UP.labels(component=component).set(checks["redis"] == "ok")
     if checks["postgres"] == "down" or checks["hosts"].startswith("none live"):
         status = "down"
     elif checks["redis"] != "ok" or checks["hosts"].endswith(" dead"):
