@@ -19,8 +19,8 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check layers functions tmux_host local cdk tests bench
-	$(PY) -m mypy layers/tmuxi functions tmux_host local cdk
+	$(PY) -m ruff check layers functions tmux_host local cdk ops tests bench
+	$(PY) -m mypy layers/tmuxi functions tmux_host local cdk ops
 	$(PY) -m mypy -m layers.build
 
 bench: setup
