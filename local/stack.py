@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,10 +368,19 @@ class LocalStack:
              "--timeout-keep-alive", str(KEEP_ALIVE_TIMEOUT_S),
              "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
              "--workers", str(self._gateway_workers())],
-            "gateway.log", self._child_env(aws=True),
+            "gateway.log", self._child_env(aws=True, PROMETHEUS_MULTIPROC_DIR=str(self._gateway_metrics_dir())),
         )
         assert self.gateway_port is not None
         self._wait_serving(proc, self.gateway_port, "the gateway", "gateway.log", abort)
+
+    def _gateway_metrics_dir(self, clear: bool = True) -> Path:
+        """Where the REST gateway's workers keep their metrics (prometheus_client's multiprocess mode): emptied
+        before the gateway starts, as that mode requires (files of a previous run would be counted again)."""
+        d = self.data_dir / "run" / "gateway-metrics"
+        if clear:
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
 
     def _launch_ws_gateway(self, abort: threading.Event | None = None) -> None:
         """The WebSocket API: one process (it holds every connection), ``$default`` to the hosts in turn."""
@@ -379,7 +389,9 @@ class LocalStack:
         targets = ",".join(self.host_url(h) for h in sorted(self.host_ports))
         proc = self.ws_gateway_proc = self._spawn(
             [sys.executable, "-m", "local.ws_gateway", "--host", "127.0.0.1", "--port", str(self.gateway_ws_port)],
-            "ws-gateway.log", self._child_env(aws=True, **{env_name("gateway_ws_targets"): targets}),
+            "ws-gateway.log", self._child_env(aws=True, **{env_name("gateway_ws_targets"): targets,
+                                                            env_name("gateway_metrics_dir"): str(
+                                                                self._gateway_metrics_dir(clear=False))}),
         )
         self._wait_serving(proc, self.gateway_ws_port, "the WebSocket gateway", "ws-gateway.log", abort)
 

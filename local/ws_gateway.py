@@ -152,6 +152,23 @@ def _metrics() -> Any:
     return observability
 
 
+def rest_gateway_metrics() -> tuple[bytes, str]:
+    """The REST gateway's metrics: its workers are processes of their own (as Lambda execution environments are),
+    each writing its metrics under ``gateway_metrics_dir``; prometheus_client's multiprocess collector adds them up.
+    Served here because the REST gateway emulates API Gateway, which has no /metrics route."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from tmuxi.settings import get_settings
+
+    directory = get_settings().gateway_metrics_dir
+    if directory is None or not directory.is_dir():
+        return b"", CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
 # --- ids, times, events (pure functions; tested in tests/unit/test_ws_events.py) -------------------------------
 
 
@@ -789,6 +806,10 @@ class LocalWsGateway:
                 with contextlib.suppress(Exception):  # a scrape answers whatever the check did
                     await asyncio.to_thread(health.health, "ws")
             await _respond(send, 200, generate_latest(_metrics().REGISTRY), content_type=CONTENT_TYPE_LATEST)
+            return
+        if path == "/metrics/rest" and method == "GET":
+            body, content_type = await asyncio.to_thread(rest_gateway_metrics)
+            await _respond(send, 200, body, content_type=content_type)
             return
         connection_id = connection_id_of(path, self.stage)
         if connection_id is None or method not in ("POST", "GET", "DELETE"):

@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     # The local WebSocket API (one process: it holds the connections and serves @connections, as API Gateway's
     # WebSocket API is an endpoint of its own)
     gateway_ws_port: int = Field(8081, ge=0, le=65535)
+    # The REST gateway's worker processes write their Prometheus metrics here (prometheus_client's multiprocess
+    # mode: the stack sets PROMETHEUS_MULTIPROC_DIR for them); the WebSocket gateway serves them at /metrics/rest.
+    gateway_metrics_dir: Path | None = None
 
     # --- Incident notifications (the alerts function, services/incidents.py): the guide's initial, update and
     # resolution messages, posted as Slack-style JSON {"text": ...} to a webhook. The URL is a credential (whoever

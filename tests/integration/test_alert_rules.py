@@ -116,7 +116,7 @@ def test_the_scrape_config_loads_both_rule_files_and_names_the_jobs_the_rules_se
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     assert [PROM / f for f in config["rule_files"]] == RULE_FILES
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"tmux-host", "tmux-ws-gateway"}
+    assert jobs == {"tmux-host", "tmux-ws-gateway", "tmux-api-gateway"}
     assert all(re.search(r'job=~"tmux-host\|tmux-ws-gateway"', r["expr"]) for r in rules()
                if r["alert"] in ("ServiceDown", "HighMemoryUsage", "HighCPUUsage", "PodCrashLooping"))
     # Debian 12's promtool (2.42) predates http_headers (Prometheus 3.0): the rest is checked without it
@@ -152,6 +152,13 @@ def _scrape(url: str, headers: dict[str, str] | None = None, *, holding: str = "
     r = httpx.get(url + "/metrics", headers=headers, timeout=10)
     assert r.status_code == 200, r.text
     return r.text if holding in r.text else None
+
+
+def _rest(ws_gateway_url: str) -> str | None:
+    """The REST gateway's metrics (served by the WebSocket gateway) once they count an api request."""
+    r = httpx.get(ws_gateway_url + "/metrics/rest", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.text if 'tmux_requests_total{component="api"' in r.text else None
 
 
 def _gauge(gauge: Any, component: str) -> float:
@@ -202,7 +209,11 @@ def test_every_metric_in_the_rules_and_the_dashboard_is_one_the_stack_exports(st
     assert 'postgres_up{component="ws"} 1.0' in ws_text and 'redis_up{component="ws"} 1.0' in ws_text, ws_text
     assert "redis_up{" not in host_text  # the host does not use Redis: nothing to read as "down"
 
-    exported = exported_names(host_text) | exported_names(ws_text) | SYNTHETIC
+    # the REST gateway's workers, added up (prometheus_client's multiprocess mode), after a request through it
+    stack.client.get("/health")
+    rest_text: str = wait_for(lambda: _rest(stack.stack.ws_gateway_url), what="the REST gateway's request metrics")
+
+    exported = exported_names(host_text) | exported_names(ws_text) | exported_names(rest_text) | SYNTHETIC
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"} <= \
         exported_names(host_text)
     used = {name: where for where, exprs in (("rules", [r["expr"] for r in rules()]),
