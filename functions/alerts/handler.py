@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from tmuxi.observability import logger, request_context
@@ -48,6 +49,17 @@ def parse(message: str) -> dict[str, str]:
 def handler(event: dict[str, Any], context: Any) -> dict[str, int]:
     """Counts: ``alarms`` handled, ``skipped`` records, and per outcome (opened / updated / resolved / ignored,
     and ``notify_failed``)."""
+    t0 = time.perf_counter()
+    request_id = getattr(context, "aws_request_id", None)
+    with request_context(request_id if isinstance(request_id, str) else None):
+        result = _handle(event)
+        # the invocation's last line: its status and duration, under its request id (as every function's)
+        logger.info("alerts invocation", extra={"status": "ok", "duration": round((time.perf_counter() - t0) * 1000, 3),
+                                                **result})
+    return result
+
+
+def _handle(event: dict[str, Any]) -> dict[str, int]:
     records = event.get("Records") if isinstance(event, dict) else None
     seen = skipped = 0
     counts = dict.fromkeys(("opened", "updated", "resolved", "ignored", "notify_failed"), 0)

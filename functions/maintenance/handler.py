@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from tmuxi import snapstart
+from tmuxi.observability import request_context
 from tmuxi.services import backup, maintenance
 
 snapstart.install()  # SnapStart: libraries imported before the snapshot, state re-made after restore
@@ -46,4 +47,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if task not in TASKS:
         raise ValueError(f"unknown maintenance task {task!r}: the schedule's input must be one of "
                          f"{[{'task': t} for t in TASKS]}")
-    return maintenance.run(task, TASKS[task])
+    request_id = getattr(context, "aws_request_id", None)
+    with request_context(request_id if isinstance(request_id, str) else None):  # on every line of the run
+        result: dict[str, Any] = maintenance.run(task, TASKS[task])
+    return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,15 @@ def test_what_is_not_an_alarm_notification_is_skipped_not_raised(message: object
                                                      "resolved": 0, "ignored": 0, "notify_failed": 0}
     with pytest.raises(ValueError):
         parse(message if isinstance(message, str) else json.dumps(message))
+
+
+def test_the_invocation_ends_with_one_line_of_its_status_and_duration(caplog: pytest.LogCaptureFixture) -> None:
+    class Context:
+        aws_request_id = "4f1c2d3e-0000-4000-8000-000000000001"
+
+    with caplog.at_level(logging.INFO):
+        result = handler(_with_message("not json"), Context())
+    (last,) = [r for r in caplog.records if r.getMessage() == "alerts invocation"]
+    assert last is caplog.records[-1]
+    assert last.__dict__["status"] == "ok" and last.__dict__["duration"] >= 0 and last.__dict__["skipped"] == 1
+    assert result["skipped"] == 1
