@@ -150,11 +150,18 @@ def test_upgrade_check_backs_up_and_smoke_test_passes(stack: StackHandle, tmp_pa
 
 def test_logs_analyze_reads_the_stack_logs_by_default(stack: StackHandle) -> None:
     assert stack.client.get("/health").status_code == 200  # at least one request line in gateway.log
-    r = _ops("logs", "analyze", "--json")
+    # a user who makes many requests: the API's request lines name who asked (the authorizer's principal)
+    name, h = stack.new_user()
+    for _ in range(40):
+        assert stack.client.get("/sessions", headers=h).status_code == 200
+    user_id = stack.client.get("/validate", headers=h).json()["user_id"]
+    r = _ops("logs", "analyze", "--json", "--top", "200")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert str(stack.stack.log_dir / "gateway.log") in doc["files"]
     assert doc["requests"] > 0 and doc["status_codes"]
+    top = {u["user"]: u["count"] for u in doc["top_users"]}
+    assert top.get(user_id, 0) >= 40, (name, user_id, doc["top_users"][:5])
 
 
 def test_maintenance_weekly_runs_the_tasks(stack: StackHandle) -> None:
