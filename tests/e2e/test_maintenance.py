@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -95,18 +96,21 @@ def test_cleanup_ends_exactly_the_idle_sessions(stack: StackHandle) -> None:
 def test_a_watched_session_is_not_idle_and_max_lifetime_ends_even_active_ones(stack: StackHandle) -> None:
     """A viewer attached (a WebSocket connection watching, no keystroke): its host reports the session active with
     each heartbeat. With a maximum lifetime set, a session older than it is deleted, active or not, saying why."""
+    from websockets.sync.client import connect
+
     _, h = stack.new_user()
     watched, old, young = (_create(stack, h) for _ in range(3))
-    _idle(watched["id"])
-    client = host_client.HostClient(registry.host_url(watched["host_id"]))
-    conn_id = f"maint-{uuid.uuid4().hex[:8]}"
-    client.attach_viewer(uuid.UUID(watched["id"]), conn_id, read_only=True, stream=None, last_seq=None,
-                         share_id=None, expires_at=None)
-    try:
+    # a real viewer: a WebSocket connection through the local WebSocket API (a viewer attached straight to the host
+    # with a made-up connection id is dropped as soon as its first frame meets GoneException)
+    ticket = stack.client.post("/ws/tickets", headers=h).json()["ticket"]
+    with connect(f"{stack.stack.ws_url}?ticket={ticket}") as ws:
+        ws.send(json.dumps({"action": "attach", "session_id": watched["id"], "read_only": True}))
+        deadline = time.monotonic() + 10
+        while json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))["type"] != "attached":
+            pass
+        _idle(watched["id"])  # idle but for the viewer: only the host's report can make it recent again
         wait_for(lambda: _row(watched["id"])["last_active_at"] > _row(old["id"])["last_active_at"]
                  - datetime.timedelta(minutes=5), timeout=10, what="the host reports the viewer")
-    finally:
-        client.detach_viewer(conn_id, "test over", notify=False)
     with connection() as conn:
         conn.execute("UPDATE sessions SET created_at = now() - interval '2 days' WHERE id = %s",
                      (uuid.UUID(old["id"]),))
