@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -108,6 +109,19 @@ class StackHandle:
         assert r.status_code == 200, r.text
         token: str = r.json()["access_token"]
         return token
+
+    def create_session(self, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+        """A session created through the API (201 asserted); its JSON."""
+        r = self.client.post("/sessions", json=body, headers=headers)
+        assert r.status_code == 201, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def get_session(self, headers: dict[str, str], session_id: str) -> dict[str, Any]:
+        r = self.client.get(f"/sessions/{session_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
 
     def new_user(self, role: str = "user") -> tuple[str, dict[str, str]]:
         """A fresh user; returns (username, auth headers)."""

@@ -6,6 +6,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -13,6 +15,9 @@ from local.services import free_port  # noqa: F401 - re-exported for the tests
 from tmux_host.app import create_app
 from tmux_host.control import kill_tmux_servers  # noqa: F401 - re-exported for the tests
 from tmuxi.settings import Settings
+
+if TYPE_CHECKING:
+    import pytest
 
 SECRET = "s3cr3t-" + "x" * 32
 
@@ -43,3 +48,13 @@ def host_in_thread(settings: Settings, registry: object | None = None) -> Iterat
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """boto3's own configuration for a moto server: test credentials, never real ones or a profile from the
+    machine."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)

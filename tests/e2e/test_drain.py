@@ -15,7 +15,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -51,20 +50,6 @@ def _start_host(stack: StackHandle, agent_url: str, port: int, log: Path) -> sub
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _create(stack: StackHandle, h: dict[str, str]) -> dict[str, Any]:
-    r = stack.client.post("/sessions", json={"cols": 80, "rows": 24}, headers=h)
-    assert r.status_code == 201, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
-
-def _get(stack: StackHandle, h: dict[str, str], sid: str) -> dict[str, Any]:
-    r = stack.client.get(f"/sessions/{sid}", headers=h)
-    assert r.status_code == 200, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
-
 async def test_a_host_told_to_go_drains_then_records_what_is_left_lost(stack: StackHandle,
                                                                          tmp_path: Path) -> None:
     agent = FakeEcsAgent()
@@ -79,7 +64,7 @@ async def test_a_host_told_to_go_drains_then_records_what_is_left_lost(stack: St
         wait_for(lambda: (row := repo.get_host(HOST_ID)) is not None and row["url"] == url, timeout=30,
                  what=f"{HOST_ID} to heartbeat (log: {log})")
         _, h = stack.new_user()
-        kept, deleted = _create(stack, h), _create(stack, h)
+        kept, deleted = stack.create_session(h, cols=80, rows=24), stack.create_session(h, cols=80, rows=24)
         assert kept["host_id"] == deleted["host_id"] == HOST_ID
         wait_for(lambda: agent.seen() == [ON], timeout=10, what="the task protected while it holds sessions")
         term = Term(await connect(ws_url(stack, ticket(stack, h)), max_size=None))
@@ -94,7 +79,7 @@ async def test_a_host_told_to_go_drains_then_records_what_is_left_lost(stack: St
         wait_for(lambda: (repo.get_host(HOST_ID) or {}).get("draining_at"), timeout=DRAIN_S,
                  what="the registry to mark the host draining")
         # no new session here: placement skips it, and the host itself refuses one that reaches it anyway
-        elsewhere = _create(stack, h)
+        elsewhere = stack.create_session(h, cols=80, rows=24)
         assert elsewhere["host_id"] not in (None, HOST_ID)
         served = httpx.get(url + "/metrics", headers={SECRET_HEADER: secret}, timeout=5).text
         assert 'route="/v1/sessions",status="503"' not in served, "placement skipped it: no create came here"
@@ -126,10 +111,10 @@ async def test_a_host_told_to_go_drains_then_records_what_is_left_lost(stack: St
         took = time.monotonic() - stopped_at
         assert DRAIN_S - 0.5 < took < DRAIN_S + 5, took  # the tail after the drain: ~0.4 s here
 
-        lost = _get(stack, h, kept["id"])
+        lost = stack.get_session(h, kept["id"])
         assert lost["state"] == "lost" and lost["end_reason"] == detached["reason"]
-        assert _get(stack, h, deleted["id"])["state"] == "deleted"
-        assert _get(stack, h, elsewhere["id"])["state"] == "active"
+        assert stack.get_session(h, deleted["id"])["state"] == "deleted"
+        assert stack.get_session(h, elsewhere["id"])["state"] == "active"
         assert stack.client.delete(f"/sessions/{elsewhere['id']}", headers=h).status_code == 204
         with pytest.raises(httpx.ConnectError):  # and nothing of it is left serving
             httpx.get(url + "/health", timeout=2)

@@ -28,13 +28,6 @@ from tmuxi.settings import get_settings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _create(stack: StackHandle, h: dict[str, str]) -> dict[str, Any]:
-    r = stack.client.post("/sessions", json={"name": "maint"}, headers=h)
-    assert r.status_code == 201, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
-
 def _row(sid: str | uuid.UUID) -> dict[str, Any]:
     row = repo.get_session(uuid.UUID(str(sid)))
     assert row is not None
@@ -64,7 +57,7 @@ def test_cleanup_ends_exactly_the_idle_sessions(stack: StackHandle) -> None:
     API, typed into over the host (as WebSocket keystrokes arrive: the host reports them with its heartbeat), or
     already ended: left exactly as they were."""
     _, h = stack.new_user()
-    idle, active, typed, ended = (_create(stack, h) for _ in range(4))
+    idle, active, typed, ended = (stack.create_session(h, name="maint") for _ in range(4))
     assert stack.client.delete(f"/sessions/{ended['id']}", headers=h).status_code == 204
     for s in (idle, typed, ended):
         _idle(s["id"])
@@ -99,7 +92,7 @@ def test_a_watched_session_is_not_idle_and_max_lifetime_ends_even_active_ones(st
     from websockets.sync.client import connect
 
     _, h = stack.new_user()
-    watched, old, young = (_create(stack, h) for _ in range(3))
+    watched, old, young = (stack.create_session(h, name="maint") for _ in range(3))
     # a real viewer: a WebSocket connection through the local WebSocket API (a viewer attached straight to the host
     # with a made-up connection id is dropped as soon as its first frame meets GoneException)
     ticket = stack.client.post("/ws/tickets", headers=h).json()["ticket"]
@@ -123,7 +116,7 @@ def test_a_watched_session_is_not_idle_and_max_lifetime_ends_even_active_ones(st
 
 def test_reconcile_repairs_each_kind_of_drift(stack: StackHandle) -> None:
     _, h = stack.new_user()
-    base = _create(stack, h)
+    base = stack.create_session(h, name="maint")
     host_id, account = base["host_id"], _account(base["id"])
     client = host_client.HostClient(registry.host_url(host_id))
     # 1. a tmux session on a host with no row (a create whose record was lost)
@@ -131,13 +124,13 @@ def test_reconcile_repairs_each_kind_of_drift(stack: StackHandle) -> None:
     client.create_session(orphan, account, 80, 24)
     assert str(orphan) in _held(host_id)
     # 2. a row active with no tmux session (killed behind the record's back), active for a while
-    missing = _create(stack, h)
+    missing = stack.create_session(h, name="maint")
     host_client.HostClient(registry.host_url(missing["host_id"])).kill_session(uuid.UUID(missing["id"]))
     with connection() as conn:
         conn.execute("UPDATE sessions SET state_changed_at = now() - interval '1 minute' WHERE id = %s",
                      (uuid.UUID(missing["id"]),))
     # 3. a Redis entry of an ended session
-    ended = _create(stack, h)
+    ended = stack.create_session(h, name="maint")
     assert stack.client.delete(f"/sessions/{ended['id']}", headers=h).status_code == 204
     cache.put_session(ended["id"], {"id": ended["id"], "state": "active"}, 0)
     assert ended["id"] in (cache.cached_session_ids() or [])
@@ -166,7 +159,7 @@ def test_reconcile_repairs_each_kind_of_drift(stack: StackHandle) -> None:
 
 def test_retention_deletes_exactly_what_is_past_age(stack: StackHandle) -> None:
     _, h = stack.new_user()
-    owner = _row(_create(stack, h)["id"])["owner_id"]
+    owner = _row(stack.create_session(h, name="maint")["id"])["owner_id"]
     tag = uuid.uuid4().hex
     old_sid, young_sid = uuid.uuid4(), uuid.uuid4()
     with connection() as conn:
@@ -244,7 +237,7 @@ def test_two_runs_at_once_one_works_and_the_other_is_skipped(stack: StackHandle)
 
 def test_two_cleanups_at_once_delete_each_session_once(stack: StackHandle) -> None:
     _, h = stack.new_user()
-    made = [_create(stack, h) for _ in range(6)]
+    made = [stack.create_session(h, name="maint") for _ in range(6)]
     for s in made:
         _idle(s["id"])
     outs: list[dict[str, Any]] = []
@@ -286,7 +279,7 @@ def test_local_invoke_runs_a_task_from_its_event_file(stack: StackHandle) -> Non
     """`python -m local.invoke maintenance events/schedule/capacity.json`: the handler with the event, the
     result as JSON on the last line; its EMF metrics and its run record are there."""
     _, h = stack.new_user()
-    _create(stack, h)
+    stack.create_session(h, name="maint")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'layers'}"}
     for given in ("events/schedule/capacity.json", "schedule/health"):
         p = subprocess.run([sys.executable, "-m", "local.invoke", "maintenance", given], cwd=ROOT, env=env,

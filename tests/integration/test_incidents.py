@@ -23,6 +23,7 @@ import pytest
 
 from functions.alerts.handler import handler, parse
 from tests.conftest import Deps
+from tests.hosting import isolated_aws_env
 from tests.integration.test_recordings_storage import Moto
 from tmuxi import secrets
 from tmuxi.db import incidents as db
@@ -256,11 +257,7 @@ def test_the_sample_events_drive_the_function_end_to_end(webhook: Webhook, caplo
 @pytest.fixture
 def secret_store(webhook: Webhook, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     """A moto Secrets Manager (found through AWS_ENDPOINT_URL_SECRETS_MANAGER, as the code passes no endpoint)."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolated_aws_env(monkeypatch, tmp_path)
     monkeypatch.delenv(env_name("alert_webhook_url"))
     server = Moto()
     monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", server.url)

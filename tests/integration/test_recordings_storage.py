@@ -14,6 +14,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.hosting import isolated_aws_env
 from tests.unit.test_recorder import CHUNKS, Clock, asciinema_cat, events
 from tmux_host.recorder import Recorder
 from tmuxi.errors import DependencyUnavailable, NotFound, PayloadTooLarge
@@ -47,12 +48,7 @@ class Moto:
 
 @pytest.fixture
 def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto]:
-    # boto3's own configuration, for moto: never real credentials or a profile from the machine
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolated_aws_env(monkeypatch, tmp_path)
     server = Moto()
     boto3.session.Session().client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(
         Bucket=BUCKET)

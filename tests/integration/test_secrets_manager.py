@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from local.services import RedisServer, new_password
 from tests.conftest import Deps, reset_process_state
-from tests.hosting import wait_for
+from tests.hosting import isolated_aws_env, wait_for
 from tests.integration.test_recordings_storage import Moto
 from tmuxi import auth, cache, secrets
 from tmuxi.db import pool
@@ -31,11 +31,7 @@ from tmuxi.settings import env_name, get_settings
 def sm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, deps: Deps) -> Iterator[Any]:
     """A moto server for Secrets Manager (boto3 finds it through AWS_ENDPOINT_URL_SECRETS_MANAGER, as the code
     passes no endpoint) and a client to it; the settings and every cache are reset after the test."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolated_aws_env(monkeypatch, tmp_path)
     server = Moto()
     monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", server.url)
     client = boto3.session.Session().client("secretsmanager", endpoint_url=server.url, region_name="us-east-1")
