@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -210,3 +211,37 @@ def test_health_exit_2_when_the_gateway_is_down(stack: StackHandle) -> None:
     doc = json.loads(r.stdout)
     assert doc["status"] == "down"
     assert {c["component"]: c["status"] for c in doc["checks"]}["gateway"] == "down"
+
+
+def test_backup_then_restore_into_an_empty_database_is_verified_by_the_cli(stack: StackHandle,
+                                                                            tmp_path: Path) -> None:
+    """The operator's procedure end to end: `python -m ops backup` of the stack's database, then `python -m ops
+    restore` into an empty database; the CLI's verification (row counts and checksums of every table) passes, and
+    the restored rows are the backed-up ones. A second restore into that (now full) database is refused."""
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    _, h = stack.new_user()
+    sid = stack.create_session(h, name="backed-up")["id"]
+    b = _ops("backup", "--store-url", str(tmp_path / "backups"), "--json")
+    assert b.returncode == 0, b.stdout + b.stderr
+    manifest = json.loads(b.stdout)
+    admin = os.environ["TMUXI_DATABASE_URL"]
+    name = f"restore_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    target = make_conninfo(admin, dbname=name)
+    try:
+        r = _ops("restore", manifest["manifest"], "--database-url", target, "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["status"] == "ok" and all(t["ok"] for t in doc["tables"]), doc
+        assert {t["name"] for t in doc["tables"]} >= {"users", "sessions", "audit_events", "maintenance_runs"}
+        with psycopg.connect(target) as conn:
+            row = conn.execute("SELECT name FROM sessions WHERE id = %s", (uuid.UUID(sid),)).fetchone()
+        assert row is not None and row[0] == "backed-up"
+        again = _ops("restore", manifest["manifest"], "--database-url", target, "--json")
+        assert again.returncode == 1 and json.loads(again.stdout)["status"] == "refused", again.stdout
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
