@@ -3,17 +3,20 @@ free ports, kill tmux servers."""
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from local.services import free_port  # noqa: F401 - re-exported for the tests
 from tmux_host.app import create_app
 from tmux_host.control import kill_tmux_servers  # noqa: F401 - re-exported for the tests
+from tmuxi.host_client import HostClient, close_all
 from tmuxi.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,6 +51,23 @@ def host_in_thread(settings: Settings, registry: object | None = None) -> Iterat
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def temp_host(prefix: str, **settings: Any) -> Iterator[tuple[HostClient, Settings]]:
+    """A tmux host in a thread on a directory of its own under /tmp (0711: users' accounts reach theirs below),
+    with the test secret and a free port; a client to it. Its tmux servers and directory go afterwards."""
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
+    d.chmod(0o711)
+    s = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret=SECRET, host_port=free_port(),
+                 heartbeat_interval_s=60, **settings)
+    try:
+        with host_in_thread(s) as url:
+            yield HostClient(url, secret=SECRET, settings=s), s
+    finally:
+        close_all()
+        kill_tmux_servers(d)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

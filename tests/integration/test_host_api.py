@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.hosting import SECRET, free_port, host_in_thread, kill_tmux_servers, wait_for
+from tests.hosting import SECRET, free_port, temp_host, wait_for
 from tmux_host.control import tmux_binary
 from tmuxi import errors
-from tmuxi.host_client import HostClient, close_all
+from tmuxi.host_client import HostClient
 from tmuxi.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
@@ -27,19 +26,8 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not i
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[tuple[HostClient, Settings]]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="th"))
-    d.chmod(0o711)  # the users' accounts reach their own directories below
-    settings = Settings(
-        socket_dir=d / "s", data_dir=d / "data", host_secret=SECRET, host_port=free_port(), host_id="test-host",
-        max_input_bytes=4096, host_capacity=50, heartbeat_interval_s=60,
-    )
-    try:
-        with host_in_thread(settings) as url:
-            yield HostClient(url, secret=SECRET, settings=settings), settings
-    finally:
-        close_all()
-        kill_tmux_servers(d)
-        shutil.rmtree(d, ignore_errors=True)
+    with temp_host("th", host_id="test-host", max_input_bytes=4096, host_capacity=50) as (client, settings):
+        yield client, settings
 
 
 @pytest.fixture

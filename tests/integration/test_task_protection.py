@@ -7,21 +7,18 @@ import asyncio
 import http.server
 import json
 import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.hosting import SECRET, free_port, host_in_thread, kill_tmux_servers, wait_for
+from tests.hosting import temp_host, wait_for
 from tmux_host.protection import PROTECT_MINUTES, RENEW_BEFORE_S, TaskProtection
-from tmuxi.host_client import HostClient, close_all
+from tmuxi.host_client import HostClient
 from tmuxi.observability import REGISTRY
-from tmuxi.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 
@@ -90,17 +87,8 @@ def agent() -> Iterator[FakeEcsAgent]:
 
 @pytest.fixture
 def host(agent: FakeEcsAgent) -> Iterator[tuple[HostClient, str]]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tp"))
-    d.chmod(0o711)
-    settings = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret=SECRET, host_port=free_port(),
-                        host_id="protect-host", heartbeat_interval_s=60, ecs_agent_uri=agent.url + "/")
-    try:
-        with host_in_thread(settings) as url:
-            yield HostClient(url, secret=SECRET, settings=settings), url
-    finally:
-        close_all()
-        kill_tmux_servers(d)
-        shutil.rmtree(d, ignore_errors=True)
+    with temp_host("tp", host_id="protect-host", ecs_agent_uri=agent.url + "/") as (client, settings):
+        yield client, settings.advertised_host_url
 
 
 def _failed_calls() -> float:
