@@ -14,6 +14,7 @@ import pytest
 import redis as redis_lib
 
 from tests.conftest import Deps
+from tests.hosting import wait_for
 from tmuxi import auth, cache
 from tmuxi.db import repo
 from tmuxi.errors import Unauthorized
@@ -149,9 +150,15 @@ def test_a_forged_or_old_generation_entry_is_not_believed_and_is_replaced(deps: 
     r.incr("cache:gen")  # what a process does when Redis returns after it missed a write
     got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
     assert isinstance(got, cache.Admission) and got.user is None  # an entry of an old generation is a miss
-    assert auth_service.admit(p) is not None
-    got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
-    assert isinstance(got, cache.Admission) and got.user == cache.UserState(0, "user", False)
+
+    def replaced() -> bool:
+        # The new generation reaches this process's tracker asynchronously (a CLIENT TRACKING push): a write made
+        # just before it lands carries the old generation and is itself read as a miss, then replaced by the next.
+        assert auth_service.admit(p) is not None
+        got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
+        return isinstance(got, cache.Admission) and got.user == cache.UserState(0, "user", False)
+
+    wait_for(replaced, timeout=5, what="the entry replaced in the new generation")
 
 
 def test_a_change_that_never_reached_redis_takes_effect_within_the_bound(deps: Deps) -> None:
