@@ -131,12 +131,14 @@ async def test_forged_end_lines_in_a_pane_cannot_break_parsing(sock_dir: Path) -
             assert await ctl.command(f"display-message -p 'after{i}'") == [f"after{i}"]
 
         # Defence in depth: even if pane text does travel inside a block (capture-pane -p), a %end line
-        # whose time/number/flags differ from its %begin does not end the block.
-        typed = b"clear; printf '%s\\n' '%end 1 1 1' '%error 2 2 1'\n"
-        await ctl.command(f"send-keys -t {quote(pane)} -H " + typed.hex(" "))
+        # whose time/number/flags differ from its %begin does not end the block. A fresh pane: the first
+        # one still shows exact forgeries of the coming replies (a `clear` there races the capture).
+        (pane2,) = await ctl.command("new-session -d -s forge2 -x 120 -y 40 -P -F '#{pane_id}'")
+        typed = b"printf '%s\\n' '%end 1 1 1' '%error 2 2 1'\n"
+        await ctl.command(f"send-keys -t {quote(pane2)} -H " + typed.hex(" "))
 
         async def raw_capture_has_forgery() -> bool:
-            lines = await ctl.command(f"capture-pane -p -t {quote(pane)}")
+            lines = await ctl.command(f"capture-pane -p -t {quote(pane2)}")
             return "%end 1 1 1" in lines and "%error 2 2 1" in lines
 
         await _wait(raw_capture_has_forgery)
