@@ -58,7 +58,7 @@ class Client:
     def exec(self, sid: str, command: str) -> str:
         r = self.api.post(f"/sessions/{sid}/exec", headers=self.h, json={"command": command, "timeout_s": 20})
         r.raise_for_status()
-        return str(r.json()["output"])
+        return str(r.json()["stdout"])
 
     async def attach(self, sid: str, **connect_kw: Any) -> ClientConnection:
         r = self.api.post("/ws/tickets", headers=self.h)

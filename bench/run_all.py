@@ -47,6 +47,9 @@ def main() -> int:
          ["bench/bench_backup.py", *(["--sessions", "10000", "--events", "100000"] if q else [])]),
         ("cleanup", "idle-session cleanup: 10,000 idle rows, 500 with tmux sessions on two hosts, vs plain UPDATEs",
          ["bench/bench_cleanup.py", *(["--rows", "1000", "--real", "50"] if q else [])]),
+        ("agent", "an agent's loop: trivial exec and send-and-wait through the gateway vs a bare GET on the same "
+         "session; the host's own exec vs its send_input",
+         ["bench/bench_agent.py", *(["--quick"] if q else [])]),
     ]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = only - {name for name, _, _ in runs}

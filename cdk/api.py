@@ -1,8 +1,9 @@
 """The two API Gateway APIs, both from the route tables in ``tmuxi.routes`` (the local gateway serves the same
 tables, so the two surfaces cannot drift):
 
-- REST: every route of ``ROUTES`` -> the api function (proxy), the Lambda REQUEST authorizer on the protected
-  ones, the configured gateway responses, stage throttling, access logs (JSON) and X-Ray.
+- REST: every route of ``ROUTES`` -> the function it names (proxy; the api function, or the mcp function for
+  ``/mcp``), the Lambda REQUEST authorizer on the protected ones, the configured gateway responses, stage
+  throttling, access logs (JSON) and X-Ray.
 - WebSocket: ``WS_ROUTES``. ``$connect``, ``$disconnect``, ``attach`` and ``detach`` run the ws function (the last
   two answer the client: two-way routes); ``$default`` (keystrokes, resizes, pings) is an HTTP integration over a
   VPC link to the hosts' NLB, with the connection id and the host secret as request headers: no function runs per
@@ -51,7 +52,7 @@ WS_ACCESS_LOG_FORMAT = json.dumps({
 
 class RestApi(Construct):
     def __init__(self, scope: Construct, cid: str, *, config: EnvConfig, api: lambda_.IFunction,
-                 authorizer: lambda_.IFunction) -> None:
+                 authorizer: lambda_.IFunction, mcp: lambda_.IFunction) -> None:
         super().__init__(scope, cid)
         access_logs = logs.LogGroup(self, "AccessLogs", retention=retention(config.log_retention_days),
                                     removal_policy=RemovalPolicy.DESTROY)
@@ -71,11 +72,12 @@ class RestApi(Construct):
         self.authorizer = apigw.RequestAuthorizer(
             self, "Authorizer", handler=authorizer, identity_sources=[AUTHORIZER.identity_source],
             results_cache_ttl=Duration.seconds(AUTHORIZER.result_ttl_s))
-        integration = apigw.LambdaIntegration(api, proxy=True)
+        integrations = {"api": apigw.LambdaIntegration(api, proxy=True),  # tmuxi.routes.Route.function
+                        "mcp": apigw.LambdaIntegration(mcp, proxy=True)}
         for route in ROUTES:
             resource = self.api.root.resource_for_path(route.resource)
             resource.add_method(
-                route.method, integration, operation_name=route.name,
+                route.method, integrations[route.function], operation_name=route.name,
                 authorizer=self.authorizer if route.protected else None,
                 authorization_type=apigw.AuthorizationType.CUSTOM if route.protected else apigw.AuthorizationType.NONE)
         for kind, response in GATEWAY_RESPONSES.items():
@@ -102,6 +104,13 @@ class RestApi(Construct):
     @property
     def url(self) -> str:
         return self.api.url
+
+    @property
+    def base_url(self) -> str:
+        """The stage's URL from the API's id alone: for a function the API invokes (``api.url`` names the
+        deployment, which depends on the API's methods, which depend on the function: a cycle)."""
+        stack = Stack.of(self)
+        return f"https://{self.api.rest_api_id}.execute-api.{stack.region}.{stack.url_suffix}/{STAGE}"
 
 
 class WebSocketApi(Construct):

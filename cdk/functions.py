@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jsii
-from aws_cdk import BundlingOptions, DockerImage, Duration, ILocalBundling, RemovalPolicy, Size
+from aws_cdk import AssetHashType, BundlingOptions, DockerImage, Duration, ILocalBundling, RemovalPolicy, Size
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -19,11 +19,12 @@ from constructs import Construct
 from cdk.config import EnvConfig
 from cdk.data import Network, retention
 from cdk.names import ALIAS, FUNCTIONS, ROOT, SNAPSTART_FUNCTIONS, handler
+from layers.build import OWN_LAYERS
 from tmuxi.settings import env_name
 
 RUNTIME = lambda_.Runtime.PYTHON_3_12  # SnapStart for Python needs 3.12+; the closest to the 3.11 the tests run on
 ARCHITECTURE = lambda_.Architecture.ARM_64  # Graviton: ~20% cheaper per GB-second; every wheel we use has arm64
-TIMEOUTS_S = {"api": 29, "authorizer": 10, "ws": 29, "maintenance": 300, "alerts": 60, "migrate": 300}
+TIMEOUTS_S = {"api": 29, "authorizer": 10, "ws": 29, "maintenance": 300, "alerts": 60, "migrate": 300, "mcp": 29}
 
 
 @jsii.implements(ILocalBundling)
@@ -43,10 +44,14 @@ class _LocalBuild:
 
 
 def _code(kind: str, source: str, name: str | None = None) -> lambda_.Code:
+    # A function's own layer is built from the same source directory as the core layer (and from its lock, outside
+    # it): hashed by what was built, or the two would share one hash, and one asset.
+    own_layer = kind == "layer" and name is not None
     return lambda_.Code.from_asset(
         str(ROOT / source),
         bundling=BundlingOptions(image=DockerImage.from_registry("none:local-bundling-only"),
                                  local=_LocalBuild(kind, name)),
+        asset_hash_type=AssetHashType.OUTPUT if own_layer else None,
         exclude=["__pycache__", "*.pyc"])
 
 
@@ -65,6 +70,12 @@ class Functions(Construct):
             compatible_architectures=[ARCHITECTURE],
             description="tmuxi core package (layers/tmuxi) and its locked dependencies",
             removal_policy=RemovalPolicy.RETAIN)
+        # a function with dependencies no other one needs has a layer of its own instead (layers/build.py OWN_LAYERS)
+        self.own_layers = {name: lambda_.LayerVersion(
+            self, f"{name}Layer", code=_code("layer", "layers", name), compatible_runtimes=[RUNTIME],
+            compatible_architectures=[ARCHITECTURE],
+            description=f"tmuxi core package and the {name} function's locked dependencies",
+            removal_policy=RemovalPolicy.RETAIN) for name in OWN_LAYERS}
         self.functions: dict[str, lambda_.Function] = {}
         self.aliases: dict[str, lambda_.Alias] = {}
         self.roles: dict[str, iam.Role] = {}
@@ -90,7 +101,8 @@ class Functions(Construct):
         snapstart = name in SNAPSTART_FUNCTIONS
         fn = lambda_.Function(
             self, f"{name}Function", runtime=RUNTIME, architecture=ARCHITECTURE, handler=handler(name),
-            code=_code("function", f"functions/{name}", name), layers=[self.layer], role=role,
+            code=_code("function", f"functions/{name}", name), layers=[self.own_layers.get(name, self.layer)],
+            role=role,
             memory_size=config.api_memory_mb if name == "api" else config.function_memory_mb,
             timeout=Duration.seconds(TIMEOUTS_S[name]), log_group=log_group,
             environment={**environment, "POWERTOOLS_SERVICE_NAME": f"tmuxi-{name}"},

@@ -6,9 +6,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STACK_PREFIX = "tmuxi"
 # Lambda functions: functions/<name>/handler.py, entry point ``handler``
-FUNCTIONS = ("api", "authorizer", "ws", "maintenance", "alerts", "migrate")
+FUNCTIONS = ("api", "authorizer", "ws", "maintenance", "alerts", "migrate", "mcp")
 # The functions on the request path: SnapStart on (published versions behind the ``live`` alias)
-SNAPSTART_FUNCTIONS = ("api", "authorizer", "ws")
+SNAPSTART_FUNCTIONS = ("api", "authorizer", "ws", "mcp")
 ALIAS = "live"
 # CloudWatch namespace of the metrics the functions and the hosts publish as EMF (Powertools Metrics)
 METRICS_NAMESPACE = "Tmuxi"

@@ -46,7 +46,8 @@ class TmuxiStack(Stack):
         self.functions = Functions(self, "Functions", config=config, network=self.network, environment={})
         fns, aliases = self.functions.functions, self.functions.aliases
 
-        self.rest = RestApi(self, "Api", config=config, api=aliases["api"], authorizer=aliases["authorizer"])
+        self.rest = RestApi(self, "Api", config=config, api=aliases["api"], authorizer=aliases["authorizer"],
+                            mcp=aliases["mcp"])
         self.ws = WebSocketApi(self, "WebSocket", config=config, ws=aliases["ws"], host=self.host,
                                host_secret=self.secrets.host)
         live = {"ws_management_endpoint": self.ws.management_endpoint}
@@ -56,6 +57,8 @@ class TmuxiStack(Stack):
                 values["rate_limit_processes"] = config.api_reserved_concurrency
             if name == "alerts":
                 values["alert_webhook_secret_id"] = self.secrets.alert_webhook.secret_arn
+            if name == "mcp":  # its tools call the REST API with the caller's token
+                values["api_url"] = self.rest.base_url
             if name == "maintenance":
                 values["backups_url"] = f"s3://{self.buckets.backups.bucket_name}/backups"
             if name == "maintenance":  # its `backup` task (services/backup.py)

@@ -1,9 +1,10 @@
 """Build the Lambda layer and function packages without Docker, and compile the locks they and the host image use.
 
-    python -m layers.build lock [--upgrade]          # layers/requirements-lambda.lock, tmux_host/requirements.lock
-    python -m layers.build layer OUT_DIR [--arch arm64|x86_64] [--python 3.12]
+    python -m layers.build lock [--upgrade]          # layers/requirements-lambda.lock, tmux_host/requirements.lock,
+                                                     # functions/<name>/requirements.lock (OWN_LAYERS)
+    python -m layers.build layer OUT_DIR [--arch arm64|x86_64] [--python 3.12] [--function NAME]
     python -m layers.build function NAME OUT_DIR
-    python -m layers.build all OUT_DIR [--arch ...] [--python ...]   # OUT_DIR/layer and OUT_DIR/<name> each
+    python -m layers.build all OUT_DIR [--arch ...] [--python ...]   # OUT_DIR/layer[-<name>] and OUT_DIR/<name>
     python -m layers.build digest DIR
 
 The CDK app calls ``build(kind, out_dir, name=...)`` (local bundling). A layer is ``python/`` (Lambda puts
@@ -15,6 +16,9 @@ The CDK app calls ``build(kind, out_dir, name=...)`` (local bundling). A layer i
 Reproducible: the same lock and sources give byte-identical trees (``tree_digest``): no bytecode, no installer
 records (RECORD, INSTALLER, REQUESTED, direct_url.json name the machine or the pip that built them), no scripts
 (``bin/``: their shebang is this machine's interpreter, and Lambda runs none), one file mode per kind and one mtime.
+
+A function named in ``OWN_LAYERS`` (mcp) has a layer of its own in place of the core one, built the same way from
+its own lock (``functions/<name>/requirements.lock``): the core dependencies it imports and its pyproject extra.
 
 Not in the layer: boto3 and what only it needs (botocore, s3transfer, urllib3, python-dateutil, six). Lambda's
 Python runtime provides boto3, and the budget (layer + largest function <= 50 MB unzipped, ``MAX_UNZIPPED_BYTES``)
@@ -64,6 +68,12 @@ HOST_EXTRA = "host"
 RUNTIME_PROVIDED = frozenset({"boto3"})
 # Layer + the largest function package, unzipped (Lambda's own limit is 250 MB; this is the project's budget).
 MAX_UNZIPPED_BYTES = 50_000_000
+# Functions with a layer of their own, for dependencies no other function needs that would take the core layer past
+# the budget: the mcp package needs cryptography (14.2 MB on arm64: the core layer with mcp was 54.0 MB; the mcp
+# layer alone is 30.9 MB). name -> (its pyproject extra, the core dependencies it imports too).
+OWN_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mcp": ("mcp", ("mangum", "httpx", "sniffio", "pydantic", "pydantic-settings")),
+}
 # What a wheel's installer adds that varies with the machine or the installer, and Lambda never reads.
 _INSTALLER_FILES = frozenset({"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"})
 # One mtime for every file: 1980-01-02, the first day a zip entry can hold in any time zone (CDK zips assets).
@@ -173,6 +183,24 @@ def layer_requirements() -> list[str]:
     return [r for r in core_requirements() if project_name(r) not in RUNTIME_PROVIDED]
 
 
+def own_lock(name: str) -> Path:
+    """The lock of function ``name``'s own layer (``OWN_LAYERS``), relative to the root."""
+    return Path("functions") / name / "requirements.lock"
+
+
+def own_layer_requirements(name: str) -> list[str]:
+    """What function ``name``'s own layer holds: the core dependencies it imports (pyproject's lines) and its
+    extra."""
+    extra, imported = OWN_LAYERS[name]
+    with PYPROJECT.open("rb") as f:
+        extras: dict[str, list[str]] = tomllib.load(f)["project"]["optional-dependencies"]
+    core = [r for r in core_requirements() if project_name(r) in imported]
+    if len(core) != len(imported):
+        raise BuildError(f"OWN_LAYERS[{name!r}] names core dependencies pyproject does not have: "
+                         f"{sorted(set(imported) - {project_name(r) for r in core})}")
+    return core + extras[extra]
+
+
 def locked(lock: Path) -> dict[str, str]:
     """name -> version pinned by a lock file."""
     pins = {}
@@ -200,10 +228,14 @@ def lock(root: Path = ROOT, *, upgrade: bool = False) -> list[Path]:
     ``upgrade`` takes the newest versions instead. Under another root, the repository's locks seed the pins."""
     common = ["pip", "compile", "--generate-hashes", "--only-binary", ":all:", "--quiet",
               "--custom-compile-command", LOCK_COMMAND, *(["--upgrade"] if upgrade else [])]
+    lambda_target = ["-", "--python-platform", f"{Target().machine}-manylinux_2_{MANYLINUX_GLIBC_MINOR}",
+                     "--python-version", LAMBDA_PYTHON]
     jobs = [
-        (LAMBDA_LOCK, ["-", "--python-platform", f"{Target().machine}-manylinux_2_{MANYLINUX_GLIBC_MINOR}",
-                       "--python-version", LAMBDA_PYTHON], "\n".join(layer_requirements()) + "\n",
+        (LAMBDA_LOCK, lambda_target, "\n".join(layer_requirements()) + "\n",
          f"lambda layer (core dependencies less {', '.join(sorted(RUNTIME_PROVIDED))}; {Target()})"),
+        *((own_lock(name), lambda_target, "\n".join(own_layer_requirements(name)) + "\n",
+           f"{name} function's own layer ([{OWN_LAYERS[name][0]}] and the core dependencies it imports; {Target()})")
+          for name in OWN_LAYERS),
         (HOST_LOCK, ["pyproject.toml", "--extra", HOST_EXTRA, "--universal", "--python-version", HOST_PYTHON], None,
          f"tmux host image (core + [{HOST_EXTRA}]; python {HOST_PYTHON}, universal: linux aarch64 and x86_64)"),
     ]
@@ -220,11 +252,13 @@ def lock(root: Path = ROOT, *, upgrade: bool = False) -> list[Path]:
     return written
 
 
-def _check_lock(lock_file: Path) -> dict[str, str]:
+def _check_lock(lock_file: Path, requirements: list[str] | None = None) -> dict[str, str]:
+    """The lock's pins; it must pin every one of ``requirements`` (default: the core layer's)."""
     if not lock_file.exists():
         raise BuildError(f"{lock_file} is missing: run `{LOCK_COMMAND}`")
     pins = locked(lock_file)
-    missing = sorted({project_name(r) for r in layer_requirements()} - pins.keys())
+    wanted = layer_requirements() if requirements is None else requirements
+    missing = sorted({project_name(r) for r in wanted} - pins.keys())
     if missing:
         raise BuildError(f"{lock_file} does not pin {', '.join(missing)} (pyproject changed): run `{LOCK_COMMAND}`")
     provided = sorted(RUNTIME_PROVIDED & pins.keys())
@@ -317,19 +351,24 @@ def _install(lock_file: Path, site: Path, target: Target) -> None:
     _run(offline, "pip install (layer, from the wheel cache)")
 
 
-def build_layer(out_dir: Path, target: Target = Target(), lock_file: Path | None = None) -> Path:
-    lock_file = lock_file or ROOT / LAMBDA_LOCK
-    pins = _check_lock(lock_file)
+def build_layer(out_dir: Path, target: Target = Target(), lock_file: Path | None = None,
+                name: str | None = None) -> Path:
+    """The core layer, or with ``name`` the own layer of that function (``OWN_LAYERS``)."""
+    if name is not None and name not in OWN_LAYERS:
+        raise BuildError(f"function {name!r} has no layer of its own: one of {', '.join(OWN_LAYERS)}")
+    lock_file = lock_file or ROOT / (own_lock(name) if name is not None else LAMBDA_LOCK)
+    pins = _check_lock(lock_file, own_layer_requirements(name) if name is not None else None)
     _prepare(out_dir, {"python"})
     site = out_dir / "python"
     t0 = time.monotonic()
-    _progress(f"layer: pip install {len(pins)} locked wheels for {target} into {site}")
+    label = "layer" if name is None else f"layer {name}"
+    _progress(f"{label}: pip install {len(pins)} locked wheels for {target} into {site}")
     _install(lock_file, site, target)
     installed = tree_size(site)
     stripped = _strip(site)
     n = _copy(CORE, site / "tmuxi", ["**/*.py", "db/migrations/*.sql"])  # as pyproject's package-data
     _normalise(out_dir)
-    _progress(f"layer: {installed / 1e6:.1f} MB installed, {stripped / 1e3:.0f} KB stripped, tmuxi ({n} files) "
+    _progress(f"{label}: {installed / 1e6:.1f} MB installed, {stripped / 1e3:.0f} KB stripped, tmuxi ({n} files) "
               f"added: {tree_size(out_dir) / 1e6:.1f} MB in {time.monotonic() - t0:.1f} s")
     return out_dir
 
@@ -349,7 +388,7 @@ def build(kind: str, out_dir: Path, *, name: str | None = None, arch: str = LAMB
     """``kind``: "layer", "function" (with ``name``), "lock" (``out_dir`` is the root the locks go under), or
     "all" (``out_dir``/layer and ``out_dir``/<name> for every function; fails past MAX_UNZIPPED_BYTES)."""
     if kind == "layer":
-        return build_layer(out_dir, Target(arch, python), lock_file)
+        return build_layer(out_dir, Target(arch, python), lock_file, name)
     if kind == "function":
         if name is None:
             raise BuildError("a function build needs its name")
@@ -360,14 +399,17 @@ def build(kind: str, out_dir: Path, *, name: str | None = None, arch: str = LAMB
     if kind == "all":
         names = function_names()
         out_dir.mkdir(parents=True, exist_ok=True)
-        layer = build_layer(out_dir / "layer", Target(arch, python), lock_file)
-        sizes = {n: tree_size(build_function(n, out_dir / n)) for n in names}
-        worst = max(sizes, key=sizes.__getitem__)
-        total = tree_size(layer) + sizes[worst]
-        _progress(f"all: layer + largest function ({worst}) = {total / 1e6:.2f} MB unzipped "
+        layers: dict[str | None, Path] = {None: build_layer(out_dir / "layer", Target(arch, python), lock_file),
+                  **{n: build_layer(out_dir / f"layer-{n}", Target(arch, python), name=n) for n in OWN_LAYERS}}
+        layer_sizes = {n: tree_size(path) for n, path in layers.items()}
+        totals = {n: layer_sizes[n if n in OWN_LAYERS else None] + tree_size(build_function(n, out_dir / n))
+                  for n in names}
+        worst = max(totals, key=totals.__getitem__)
+        total, layer = totals[worst], layers[worst if worst in OWN_LAYERS else None]
+        _progress(f"all: the largest function with its layer ({worst}) = {total / 1e6:.2f} MB unzipped "
                   f"(budget {MAX_UNZIPPED_BYTES / 1e6:.0f} MB)")
         if total > MAX_UNZIPPED_BYTES:
-            raise BuildError(f"layer + {worst} is {total / 1e6:.2f} MB unzipped, over the "
+            raise BuildError(f"{worst} with its layer is {total / 1e6:.2f} MB unzipped, over the "
                              f"{MAX_UNZIPPED_BYTES / 1e6:.0f} MB budget: see what grew with `du -sb "
                              f"{layer}/python/* | sort -n`")
         return out_dir
@@ -385,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("out_dir", type=Path)
         p.add_argument("--arch", choices=sorted(ARCHES), default=LAMBDA_ARCH)
         p.add_argument("--python", default=LAMBDA_PYTHON)
+        if kind == "layer":
+            p.add_argument("--function", dest="name", choices=sorted(OWN_LAYERS),
+                           help="the own layer of this function (default: the core layer)")
     p_fn = sub.add_parser("function")
     p_fn.add_argument("name")
     p_fn.add_argument("out_dir", type=Path)
@@ -399,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "function":
             build("function", args.out_dir, name=args.name)
         else:
-            build(args.kind, args.out_dir, arch=args.arch, python=args.python)
+            build(args.kind, args.out_dir, arch=args.arch, python=args.python, name=getattr(args, "name", None))
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

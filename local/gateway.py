@@ -9,7 +9,8 @@ For every HTTP request it
      else builds the REQUEST authorizer event and invokes the real authorizer Lambda handler
      (``Exception("Unauthorized")`` -> 401, an explicit or implicit Deny -> 403, anything else -> 500), and
      on Allow puts ``principalId`` + the policy's context into ``requestContext.authorizer``;
-  4. invokes the real API Lambda handler (Mangum) with a LambdaContext look-alike;
+  4. invokes the real API Lambda handler (Mangum) with a LambdaContext look-alike (or the function the route
+     names, ``Route.function``: ``/mcp`` runs ``functions/mcp``);
   5. translates the proxy result (statusCode, headers, multiValueHeaders, body, isBase64Encoded) to HTTP.
 It enforces API Gateway's 10 MB payload limit (413 from Content-Length, before reading the body) and 29 s
 integration timeout (504 on timeout). Below the ASGI app, its HTTP protocol (``GatewayHttpProtocol``, uvicorn's
@@ -51,6 +52,7 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import functools
+import importlib
 import json
 import multiprocessing
 import os
@@ -458,6 +460,7 @@ class LocalGateway:
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._cache: dict[str, _Cached] = {}
         self._resolve_lock = threading.Lock()
+        self._functions: dict[str, LambdaHandler] = {}  # Route.function -> handler, other than "api"
 
     # handlers are imported lazily: importing the API pulls FastAPI and the services
     def _handlers(self) -> tuple[LambdaHandler, LambdaHandler]:
@@ -617,7 +620,8 @@ class LocalGateway:
             else:
                 outcome = await asyncio.wait_for(
                     asyncio.get_running_loop().run_in_executor(
-                        self._slow_pool if route.work == "long" else self._pool, self._invoke, auth_event, event),
+                        self._slow_pool if route.work == "long" else self._pool, self._invoke, auth_event, event,
+                        route.function),
                     self.integration_timeout_s,
                 )
         except TimeoutError:
@@ -676,17 +680,31 @@ class LocalGateway:
 
     # runs in a pool thread (its own event loop) or inline: authorizer, then the integration ---------------
     def _invoke(
-        self, auth_event: dict[str, Any] | None, event: dict[str, Any]
+        self, auth_event: dict[str, Any] | None, event: dict[str, Any], function: str = "api"
     ) -> tuple[str, Any, _Cached | None]:
         from tmuxi.observability import request_context
 
         with request_context(event["requestContext"]["requestId"]):  # the gateway's own lines carry it too
-            return self._invoke_handlers(auth_event, event)
+            return self._invoke_handlers(auth_event, event, function)
+
+    def _function(self, name: str) -> LambdaHandler:
+        """The handler of ``functions/<name>`` (``Route.function``): the API's, or another one's, imported on first
+        use (the API's own workers never import what only another function needs)."""
+        handler = self._functions.get(name)
+        if handler is None:
+            with self._resolve_lock:
+                handler = self._functions.get(name)
+                if handler is None:
+                    handler = importlib.import_module(f"functions.{name}.handler").handler
+                    self._functions[name] = handler
+        return handler
 
     def _invoke_handlers(
-        self, auth_event: dict[str, Any] | None, event: dict[str, Any]
+        self, auth_event: dict[str, Any] | None, event: dict[str, Any], function: str = "api"
     ) -> tuple[str, Any, _Cached | None]:
         api, authz = self._handlers()
+        if function != "api":
+            api = self._function(function)
         decision: _Cached | None = None
         if auth_event is not None:
             t0 = time.perf_counter()
@@ -708,7 +726,7 @@ class LocalGateway:
             event["requestContext"]["authorizer"] = authorizer_request_context(
                 principal_id, context, int((time.perf_counter() - t0) * 1000))
         try:
-            result = api(event, LambdaContext("api", timeout_s=self.api_timeout_s, region=self.region,
+            result = api(event, LambdaContext(function, timeout_s=self.api_timeout_s, region=self.region,
                                               account_id=self.account_id,
                                               request_id=event["requestContext"]["requestId"]))
             return "ok", translate_response(result), decision

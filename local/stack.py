@@ -250,6 +250,7 @@ class LocalStack:
         env[env_name("gateway_port")] = str(self.gateway_port)
         env[env_name("gateway_ws_port")] = str(self.gateway_ws_port)
         env[env_name("ws_management_endpoint")] = self.ws_gateway_url  # where the hosts post output
+        env[env_name("api_url")] = self.gateway_url  # where the mcp function's tools call the REST API
         if self.environment is not None:
             env[env_name("environment")] = self.environment
         if self.socket_dir is not None:

@@ -331,7 +331,9 @@ def smoke_test(gateway: str, username: str, password: str) -> list[dict[str, Any
             r = client.post(f"/sessions/{state['id']}/exec", json={"command": "echo ok"}, headers=state["auth"])
             r.raise_for_status()
             body = r.json()
-            if body.get("output", "").strip() != "ok" or body.get("exit_code") != 0:
+            # stdout (an API from before issue 12 answered both streams together, in output)
+            out = body.get("stdout") or body.get("output") or ""
+            if out.strip() != "ok" or body.get("exit_code") != 0:
                 raise OpsError(f"exec returned {body!r}, expected output 'ok' and exit code 0")
             return "output ok, exit code 0"
 

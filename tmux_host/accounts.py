@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tmux_host.control import SHELL_HOOKS
 from tmuxi.observability import logger
 from tmuxi.settings import Settings, env_name
 
@@ -298,7 +299,7 @@ class Isolation:
         """The environment of the account's tmux server and so of every shell: built from scratch."""
         return {
             "PATH": PATH, "HOME": str(account.home), "USER": account.name, "LOGNAME": account.name,
-            "SHELL": shell, "LANG": "C.UTF-8", "TERM": "xterm-256color",
+            "SHELL": shell, "LANG": "C.UTF-8", "TERM": "xterm-256color", **SHELL_HOOKS,
         }
 
     def spawn_kwargs(self, account: Account) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,12 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tmux_host import files
 from tmux_host.engine import Engine, Registry
 from tmux_host.protection import TaskProtection
 from tmux_host.stream import FORWARDED_HEADER
 from tmuxi import errors
-from tmuxi.host_client import REQUEST_ID_HEADER, SECRET_HEADER
-from tmuxi.models import KEY_NAME, ExecRequest, ResizeRequest
+from tmuxi.host_client import FILE_MODE_HEADER, FILE_PATH_HEADER, REQUEST_ID_HEADER, SECRET_HEADER, FileBadPath
+from tmuxi.models import FILE_MODE, KEY_NAME, ExecRequest, ExecSignal, ResizeRequest, WaitSpec
 from tmuxi.observability import ERRORS, REGISTRY, REQUEST_DURATION, REQUESTS, logger, request_context
 from tmuxi.routes import (
     WS_CONNECTION_HEADER,
@@ -72,6 +74,12 @@ class AttachViewerBody(_Body):
 class InputBody(_Body):
     data_b64: str | None = None
     keys: list[str] | None = Field(default=None, max_length=256)
+    wait: WaitSpec | None = None
+
+
+class ExecInputBody(_Body):
+    data_b64: str = ""
+    eof: bool = False
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -103,8 +111,8 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-async def read_json(request: Request, model: type[BaseModel]) -> Any:
-    max_body = _settings(request).max_body_bytes
+async def read_json(request: Request, model: type[BaseModel], max_body: int | None = None) -> Any:
+    max_body = max_body or _settings(request).max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         raise errors.PayloadTooLarge(f"body is over {max_body} bytes")
@@ -202,6 +210,11 @@ async def send_input(request: Request) -> Response:
         bad = [k for k in body.keys if not KEY_NAME.fullmatch(k)]
         if bad:
             raise errors.BadRequest(f"unknown key names: {bad[:5]}")
+    if body.wait is not None:
+        w = body.wait
+        result = await _engine(request).send_and_wait(session_id, data, body.keys, until=w.until, timeout_s=w.timeout_s,
+                                                     quiet_ms=w.quiet_ms, pattern=w.pattern)
+        return JSONResponse(result.model_dump())
     await _engine(request).send_input(session_id, data=data, keys=body.keys)
     return Response(status_code=204)
 
@@ -229,8 +242,57 @@ async def resize(request: Request) -> Response:
 
 async def exec_(request: Request) -> Response:
     session_id = sid(request)
-    body = await read_json(request, ExecRequest)
-    result = await _engine(request).exec(session_id, body.command, body.timeout_s)
+    s = _settings(request)
+    body = await read_json(request, ExecRequest, max(s.max_body_bytes, s.max_file_body_bytes))
+    result = await _engine(request).exec(session_id, body.command, body.timeout_s, on_timeout=body.on_timeout,
+                                         background=body.background, streams=body.streams, encoding=body.encoding,
+                                         max_output_bytes=body.max_output_bytes)
+    return JSONResponse(result.model_dump())
+
+
+def _float_query(request: Request, name: str, default: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.InvalidField(f"query.{name}", "must be a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise errors.InvalidField(f"query.{name}", "must be between 0 and 3600")
+    return value
+
+
+async def list_execs(request: Request) -> Response:
+    return JSONResponse({"execs": _engine(request).list_execs(sid(request))})
+
+
+async def poll_exec(request: Request) -> Response:
+    result = await _engine(request).poll_exec(sid(request), request.path_params["xid"],
+                                              request.query_params.get("cursor", ""),
+                                              _float_query(request, "wait_s", 0.0))
+    return JSONResponse(result.model_dump())
+
+
+async def exec_input(request: Request) -> Response:
+    body = await read_json(request, ExecInputBody)
+    try:
+        data = base64.b64decode(body.data_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.BadRequest("data_b64 is not valid base64") from None
+    await _engine(request).exec_input(sid(request), request.path_params["xid"], data, eof=body.eof)
+    return Response(status_code=204)
+
+
+async def signal_exec(request: Request) -> Response:
+    body = await read_json(request, ExecSignal)
+    await _engine(request).signal_exec(sid(request), request.path_params["xid"], body.signal)
+    return Response(status_code=204)
+
+
+async def stop_exec(request: Request) -> Response:
+    result = await _engine(request).stop_exec(sid(request), request.path_params["xid"],
+                                              _float_query(request, "grace_s", 2.0))
     return JSONResponse(result.model_dump())
 
 
@@ -267,6 +329,48 @@ async def ws_message(request: Request) -> Response:
     return Response(status_code=202)
 
 
+# --- files in a session's home (tmux_host/files.py): raw bytes in and out ------------------------------------
+async def _file_body(request: Request, cap: int) -> bytes:
+    """The body (the file's bytes), refused past ``cap`` before more of it is read."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise errors.PayloadTooLarge(f"the file is {length} bytes; the limit is {cap}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise errors.PayloadTooLarge(f"the file is over {cap} bytes; the limit is {cap}")
+    return bytes(body)
+
+
+def _file_path(request: Request, default: str | None = None) -> str:
+    path = request.query_params.get("path", default)
+    if path is None:
+        raise FileBadPath("give the file's path (query parameter path)")
+    return path
+
+
+async def put_file(request: Request) -> Response:
+    session_id = sid(request)
+    path = _file_path(request)
+    raw_mode = request.query_params.get("mode")
+    if raw_mode is not None and not re.fullmatch(FILE_MODE, raw_mode):
+        raise errors.BadRequest("mode must be octal permission bits, e.g. 0644")
+    data = await _file_body(request, _settings(request).max_file_bytes)
+    out = await files.write(_engine(request), session_id, path, data, None if raw_mode is None else int(raw_mode, 8))
+    return JSONResponse(out)
+
+
+async def get_file(request: Request) -> Response:
+    data, meta = await files.read(_engine(request), sid(request), _file_path(request))
+    return Response(data, media_type="application/octet-stream",
+                    headers={FILE_PATH_HEADER: quote(meta["path"]), FILE_MODE_HEADER: meta["mode"]})
+
+
+async def list_files(request: Request) -> Response:
+    return JSONResponse(await files.listing(_engine(request), sid(request), _file_path(request, ".")))
+
+
 async def health(request: Request) -> Response:
     h = _engine(request).health()
     protection: TaskProtection | None = request.app.state.protection
@@ -295,9 +399,17 @@ ROUTES = [
     Route(S + "/screen", endpoint(S + "/screen", screen), methods=["GET"]),
     Route(S + "/resize", endpoint(S + "/resize", resize), methods=["POST"]),
     Route(S + "/exec", endpoint(S + "/exec", exec_), methods=["POST"]),
+    Route(S + "/execs", endpoint(S + "/execs", list_execs), methods=["GET"]),
+    Route(S + "/execs/{xid}", endpoint(S + "/execs/{xid}", poll_exec), methods=["GET"]),
+    Route(S + "/execs/{xid}", endpoint(S + "/execs/{xid}", stop_exec), methods=["DELETE"]),
+    Route(S + "/execs/{xid}/input", endpoint(S + "/execs/{xid}/input", exec_input), methods=["POST"]),
+    Route(S + "/execs/{xid}/signal", endpoint(S + "/execs/{xid}/signal", signal_exec), methods=["POST"]),
     Route(S + "/viewers", endpoint(S + "/viewers", attach_viewer), methods=["POST"]),
     Route("/v1/viewers/{cid:path}", endpoint("/v1/viewers/{cid}", detach_viewer), methods=["DELETE"]),
     Route(WS_HOST_MESSAGE_PATH, endpoint(WS_HOST_MESSAGE_PATH, ws_message), methods=["POST"]),
+    Route(S + "/files", endpoint(S + "/files", put_file), methods=["PUT"]),
+    Route(S + "/files", endpoint(S + "/files", get_file), methods=["GET"]),
+    Route(S + "/files/list", endpoint(S + "/files/list", list_files), methods=["GET"]),
     Route("/health", endpoint("/health", health, auth=False), methods=["GET"]),
     Route("/metrics", endpoint("/metrics", metrics), methods=["GET"]),
 ]

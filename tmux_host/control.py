@@ -100,7 +100,14 @@ def clean_env(shell: str) -> dict[str, str]:
         "SHELL": shell,
         "LANG": "C.UTF-8",
         "TERM": "xterm-256color",
+        **SHELL_HOOKS,
     }
+
+
+# Given to every shell (its startup files may change them): the exec line, typed with a leading space, stays out of
+# the history; and before each prompt the shell prints the "semantic prompt" mark (OSC 133;A, which terminals and
+# tmux ignore or use for prompt navigation), by which send-and-wait knows the shell is back at its prompt.
+SHELL_HOOKS = {"HISTCONTROL": "ignorespace", "PROMPT_COMMAND": "builtin printf '\\033]133;A\\007'"}
 
 
 def quote(arg: str) -> str:
@@ -323,24 +330,36 @@ class ControlClient:
         ``%error``). Several submits in a row pipeline commands without waiting for each reply. ``at_reply`` is
         called the moment the reply is read, before any later line (pane output) is: what came before the reply
         on this client is exactly what tmux sent before it ran the command."""
+        return self._submit([line], at_reply)[0]
+
+    def _submit(self, lines: Sequence[str], at_first_reply: Callable[[], None] | None = None,
+                ) -> list[asyncio.Future[list[str]]]:
+        """Several command lines in one write (one wake-up of tmux, not one per line)."""
         if not self.alive or self._stdin is None:
             raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
-        if "\n" in line or "\r" in line:
-            raise ValueError("one command per line")
-        data = line.encode("utf-8") + b"\n"
-        if len(data) > MAX_COMMAND_LINE:
-            raise ValueError(f"tmux command line too long ({len(data)} bytes)")
+        encoded = []
+        for line in lines:
+            if "\n" in line or "\r" in line:
+                raise ValueError("one command per line")
+            data = line.encode("utf-8") + b"\n"
+            if len(data) > MAX_COMMAND_LINE:
+                raise ValueError(f"tmux command line too long ({len(data)} bytes)")
+            encoded.append(data)
         if self._stdin.get_write_buffer_size() > MAX_UNSENT:
             self._abandon(f"tmux is not reading its commands ({MAX_UNSENT} bytes unsent)")
             raise ControlClosed(f"tmux control connection to {self.socket_path} is down: {self._closed_reason}")
-        fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[list[str]]] = []
         # Append and write without any await in between: FIFO order == write order.
-        self._pending.append((fut, line, at_reply))
+        for i, line in enumerate(lines):
+            fut: asyncio.Future[list[str]] = loop.create_future()
+            self._pending.append((fut, line, at_first_reply if i == 0 else None))
+            futs.append(fut)
         try:
-            self._stdin.write(data)
+            self._stdin.write(b"".join(encoded))
         except (ConnectionError, RuntimeError) as exc:
             self._fail_all(f"write failed: {exc}")
-        return fut
+        return futs
 
     async def _await(self, fut: asyncio.Future[list[str]]) -> list[str]:
         # A timer on the future itself (cheaper than asyncio.wait_for on this hot path). On timeout the
@@ -393,8 +412,14 @@ class ControlClient:
 
     async def commands(self, lines: Sequence[str]) -> list[list[str] | BaseException]:
         """Pipeline several commands; return each reply or its exception (in order)."""
-        futs = [self.submit(line) for line in lines]
-        return list(await asyncio.gather(*(self._await(f) for f in futs), return_exceptions=True))
+        # Replies come in order: awaiting each in turn costs no task per command (as gather would).
+        results: list[list[str] | BaseException] = []
+        for fut in self._submit(lines):
+            try:
+                results.append(await self._await(fut))
+            except Exception as exc:  # noqa: BLE001 - returned, as gather(return_exceptions=True) would
+                results.append(exc)
+        return results
 
     # --- reading -----------------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:

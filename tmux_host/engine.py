@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,16 +29,26 @@ from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID, uuid4
 
+import regex
+
 from tmux_host.accounts import Isolation, check_reachable, ensure_dir
 from tmux_host.control import CTL_SESSION, OUT_SESSION, ControlClosed, TmuxCommandError, quote
 from tmux_host.ecs import emit_sessions_metric
-from tmux_host.exec import ExecChannel, make_file, read_private_file
+from tmux_host.exec import (
+    ExecChannel,
+    ExecJob,
+    TerminalEcho,
+    command_line,
+    make_file,
+    parse_cursor,
+    read_private_file,
+)
 from tmux_host.recorder import Recorder
 from tmux_host.server import HISTORY_LIMIT, UserServer
 from tmux_host.stream import Live
 from tmuxi import errors
 from tmuxi.host_client import HostFull, HostInfo
-from tmuxi.models import KEY_NAME, ExecResult, ScreenResponse
+from tmuxi.models import KEY_NAME, ExecResult, InputWaitResult, ScreenResponse
 from tmuxi.observability import (
     ACTIVE_SESSIONS,
     ERRORS,
@@ -88,6 +99,14 @@ class SessionRec:
     pid: int | None = None
     window_id: str | None = None  # "@N": the primary pane's window, linked into _out for its output
     exec_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    execs: dict[str, ExecJob] = field(default_factory=dict, repr=False)  # running, then kept a while
+    foreground: ExecJob | None = field(default=None, repr=False)  # the exec holding its shell
+    echo: TerminalEcho | None = field(default=None, repr=False)  # its terminal, where exec shows its output
+    prompts: int = 0  # prompt marks (OSC 133;A) seen in its output
+    prompted: bool = False  # its first prompt was waited for
+    shell_ids: tuple[int, int] | None = field(default=None, repr=False)  # its shell's (session id, uid)
+    last_output: float = 0.0  # time.monotonic() of its last output
+    output_changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def public(self) -> dict[str, Any]:
         return {"session_id": str(self.session_id), "account": self.account, "tmux_name": self.tmux_name,
@@ -115,6 +134,24 @@ def shell_state(pid: int) -> str:
     if int(fields[4]) == 0 or int(fields[5]) <= 0:
         return "starting"
     return "prompt" if int(fields[2]) == pid and int(fields[5]) == pid else "busy"
+
+
+def _two_ints(lines: list[str], prefix: str) -> tuple[int, int]:
+    found = next((ln[len(prefix):].split(" ") for ln in lines if ln.startswith(prefix)), [])
+    return (int(found[0]), int(found[1])) if len(found) == 2 and all(x.isdigit() for x in found) else (0, 0)
+
+
+PROMPT_MARK = b"\x1b]133;A"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unq(value: str) -> str:
@@ -270,6 +307,10 @@ class Engine:
         rec = self._session_of_pane(server.account.number, pane)
         if rec is None:
             return  # another pane of a linked window (only the primary pane is streamed), or not ours
+        rec.last_output = time.monotonic()
+        if PROMPT_MARK in data:
+            rec.prompts += data.count(PROMPT_MARK)
+        rec.output_changed.set()
         self.live.output(rec.session_id, data)
         if self.recorder is not None:
             self.recorder.output(rec.session_id, data)
@@ -627,6 +668,9 @@ class Engine:
             self.sessions_changed.set()
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
+            self._end_execs(rec)
+            if rec.echo is not None:
+                rec.echo.close()
             # once the caller has remembered how it ended (_ended, kill_session): viewers told, recording finished
             asyncio.get_running_loop().call_soon(self._stream_ended, rec)
 
@@ -770,6 +814,7 @@ class Engine:
     async def kill_session(self, session_id: UUID, *, reason: str = "killed") -> None:
         rec = self._get(session_id)
         server = await self._server(rec)
+        self._end_execs(rec)  # its background jobs, which its shell going away would not end
         # its window first: linked into _out as well, it would outlive the session (and its shell with it)
         lines = ([f"kill-window -t {quote(rec.window_id)}"] if rec.window_id else []) + \
             [f"kill-session -t {quote(rec.tmux_id)}"]
@@ -947,13 +992,25 @@ class Engine:
             self.recorder.resize(session_id, cols, rows)
 
     # --- exec --------------------------------------------------------------------------------------
+    # Finished execs a session remembers (for their final poll), and background execs it may run at once.
+    EXECS_KEPT = 32
+    BACKGROUND_MAX = 8
+
     async def _shell_ready(self, rec: SessionRec, deadline: float) -> bool:
         """The shell is at its prompt. A session created a moment ago whose shell has not taken its terminal
-        yet is waited for (within the exec's own timeout); a session running a program is not."""
+        yet is waited for (within the exec's own timeout), and then for its first prompt to be drawn (or a second:
+        a shell whose startup files dropped the prompt mark); a session running a program is not."""
         state = await self._shell_state(rec)
         while state == "starting" and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             state = await self._shell_state(rec)
+        if state == "prompt" and not rec.prompted:
+            until = min(deadline, time.monotonic() + 1.0)
+            while rec.prompts == 0 and time.monotonic() < until:
+                rec.output_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rec.output_changed.wait(), max(0.0, until - time.monotonic()))
+            rec.prompted = True
         return state == "prompt"
 
     async def _shell_state(self, rec: SessionRec) -> str:
@@ -968,55 +1025,112 @@ class Engine:
             pid = rec.pid = int(found)
         return shell_state(pid)
 
-    async def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
+    async def exec(self, session_id: UUID, command: str, timeout_s: float | None = None, *,
+                   on_timeout: str = "background", background: bool = False, streams: str = "split",
+                   encoding: str = "utf-8", max_output_bytes: int | None = None) -> ExecResult:
         rec = self._get(session_id)
+        self._touched.add(session_id)
         encoded = command.encode("utf-8", errors="surrogateescape")
         if len(encoded) > self.settings.max_command_bytes:
             raise errors.PayloadTooLarge(f"command is over {self.settings.max_command_bytes} bytes")
         timeout = self.settings.exec_timeout_default_s if timeout_s is None else float(timeout_s)
         timeout = max(0.01, min(timeout, self.settings.exec_timeout_max_s))
-        # Execs in one session are serialized; waiting for the previous one counts against the timeout.
+        cap = min(max_output_bytes or self.settings.exec_max_output_bytes, self.settings.exec_max_output_bytes)
+        # Starting execs in one session is serialized (each types a line); waiting counts against the timeout.
         waited = time.monotonic()
         try:
             await asyncio.wait_for(rec.exec_lock.acquire(), timeout)
         except TimeoutError:
-            raise errors.SessionBusy("another exec is still running in this session") from None
+            raise errors.SessionBusy("another exec is still starting in this session") from None
         try:
+            fg = rec.foreground
+            if fg is not None and fg.running:
+                raise errors.SessionBusy(
+                    f"exec {fg.id} is still running in this session's foreground: poll it (GET .../execs/{fg.id}), "
+                    f"send it input, or stop it (DELETE .../execs/{fg.id})")
+            if background and sum(j.running and j.background for j in rec.execs.values()) >= self.BACKGROUND_MAX:
+                raise errors.SessionBusy(f"{self.BACKGROUND_MAX} background execs are running in this session: "
+                                         "stop one first")
             if not await self._shell_ready(rec, deadline=waited + timeout):
                 raise errors.SessionBusy("the session's shell is not at a prompt (a program is running)")
-            remaining = max(0.01, timeout - (time.monotonic() - waited))
-            return await self._exec_locked(rec, encoded, remaining)
+            job = await self._start_exec(rec, command, encoded, cap, background=background,
+                                         merged=streams == "merged", encoding=encoding,
+                                         deadline=waited + timeout)
         finally:
             rec.exec_lock.release()
+        remaining = timeout - (time.monotonic() - waited)
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.done), remaining)
+        if job.running and on_timeout == "kill":
+            TIMEOUTS.labels(component="host", operation="exec").inc()
+            job.killed = True
+            await self._stop_exec(rec, job, steps=("int", "term", "kill"))
+        return job.result(0, 0)
 
-    async def _exec_locked(self, rec: SessionRec, script: bytes, timeout: float) -> ExecResult:
+    async def _start_exec(self, rec: SessionRec, command: str, script: bytes, cap: int, *, background: bool,
+                          merged: bool, encoding: str, deadline: float) -> ExecJob:
         await self._server(rec)
-        channel = ExecChannel(self._exchange(rec), uuid4().hex, self.settings.exec_max_output_bytes)
-        started = time.monotonic()
+        self._prune_execs(rec)
+        xid = uuid4().hex[:16]
+        channel = ExecChannel(self._exchange(rec), xid, cap, merged=merged, background=background)
+        job = ExecJob(xid, command, background, channel, encoding)
         try:
-            channel.open(script)
-            wrapper = channel.wrapper()
-            # A half-typed line the user left at the prompt is cleared first (end of line, kill to its start:
-            # readline's keys, and the terminal's own line kill where there is no line editor), never glued to
-            # the wrapper.
-            await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-e C-u",
-                                            *self.input_commands(r.pane_id, wrapper)])
-            status = await self._wait_status(rec, channel, started + timeout)
-            timed_out = status is None
-            if status is None:
-                TIMEOUTS.labels(component="host", operation="exec").inc()
-                await self._stop_foreground(rec, channel)
-            ended = not self._shell_alive(rec) or (status is not None and status[1])
-            if ended:
-                await self._shell_gone(rec)
-            output, truncated = channel.collect()
-            return ExecResult(
-                exit_code=None if status is None else status[0], output=output, timed_out=timed_out,
-                truncated=truncated, duration_ms=round((time.monotonic() - started) * 1000, 3),
-                session_ended=ended,
-            )
-        finally:
+            channel.open(script, history=command)
+            echo = await self._terminal(rec)
+            typed = channel.typed_line()
+            rec.execs[xid] = job
+            if not background:
+                rec.foreground = job
+            # One write to tmux: a half-typed line the user left at the prompt is cleared first (end of line, kill
+            # to its start: readline's keys, and the terminal's own line kill where there is no line editor),
+            # never glued to ours; where the line starts is noted (to show the command there instead); ours typed.
+            (_, where, *_) = await self._run(rec, lambda r: [
+                f"send-keys -t {quote(r.pane_id)} C-e C-u",
+                f"display-message -p -t {quote(r.pane_id)} 'C#{{cursor_x}} #{{pane_width}}'",
+                *self.input_commands(r.pane_id, typed)])
+            job.prompts = rec.prompts
+            if echo is not None:
+                col, width = _two_ints(where, "C")
+                channel.show(echo, command_line(command, background, col, width, len(typed) - 1))
+        except BaseException:
+            rec.execs.pop(xid, None)
+            if rec.foreground is job:
+                rec.foreground = None
             channel.close()
+            raise
+        job.task = self._spawn(self._follow(rec, job), f"exec-{xid}")
+        if background:
+            self._shell_ids(rec)
+            # the shell is back at its prompt once it has started the job (it says so with the job's pid)
+            while channel.pgid is None and not job.done.done() and time.monotonic() < deadline:
+                await asyncio.wait([job.done], timeout=0.02)
+        return job
+
+    async def _follow(self, rec: SessionRec, job: ExecJob) -> None:
+        """Until the exec ends: its status, then the rest of its output, then the shell let go on."""
+        ch = job.channel
+        try:
+            if job.background:
+                status = await self._wait_job(rec, ch)
+            else:
+                status = await self._wait_status(rec, ch, float("inf"), prompts=job.prompts)
+            await ch.drain(0.05)
+            ch.ack()
+            ended = not self._shell_alive(rec) or (status is not None and status[1])
+            job.finish(None if status is None else status[0], ended)
+            if ended and not job.background:
+                await self._shell_gone(rec)
+        except asyncio.CancelledError:
+            job.finish(None, not self._shell_alive(rec))
+            raise
+        except Exception:
+            logger.exception("exec follow-up failed", extra={"session_id": str(rec.session_id), "exec_id": job.id})
+            job.finish(None, False)
+        finally:
+            if rec.foreground is job:
+                rec.foreground = None
+            ch.close()
 
     def _shell_alive(self, rec: SessionRec) -> bool:
         if self._sessions.get(rec.session_id) is not rec:
@@ -1040,13 +1154,189 @@ class Engine:
         if server is not None:
             self._schedule_refresh(server)  # drops it and reports it exited
 
-    async def _wait_status(self, rec: SessionRec, channel: ExecChannel, deadline: float,
-                           *, recover: bool = True) -> tuple[int | None, bool] | None:
+    async def _wait_job(self, rec: SessionRec, ch: ExecChannel) -> tuple[int | None, bool] | None:
+        """A background job's status, written by the job itself when it ends (its wrapper outlives every signal but
+        SIGKILL: a job gone without a word was killed, 137); None if its shell went first."""
+        while not ch.rc.done():
+            if not self._shell_alive(rec):
+                self._signal_job(rec, ch, signal.SIGHUP)  # its session is over: so is the job
+                await asyncio.wait([ch.rc], timeout=0.2)
+                break
+            if ch.pgid is not None and not _alive(ch.pgid):
+                await asyncio.wait([ch.rc], timeout=0.05)
+                return ch.rc.result() if ch.rc.done() else (128 + signal.SIGKILL, False)
+            await asyncio.wait([ch.rc], timeout=0.2)
+        return ch.rc.result() if ch.rc.done() else None
+
+    def _prune_execs(self, rec: SessionRec) -> None:
+        done = [k for k, j in rec.execs.items() if not j.running]
+        for k in done[: max(0, len(rec.execs) - self.EXECS_KEPT + 1)]:
+            del rec.execs[k]
+
+    def _job(self, session_id: UUID, exec_id: str) -> tuple[SessionRec, ExecJob]:
+        rec = self._get(session_id)
+        job = rec.execs.get(exec_id)
+        if job is None:
+            raise errors.ExecNotFound(f"no exec {exec_id!r} in this session (finished execs are kept for a while: "
+                                  f"the last {self.EXECS_KEPT})")
+        return rec, job
+
+    def list_execs(self, session_id: UUID) -> list[dict[str, Any]]:
+        rec = self._get(session_id)
+        return [j.info() for j in rec.execs.values()]
+
+    async def poll_exec(self, session_id: UUID, exec_id: str, cursor: str = "", wait_s: float = 0.0) -> ExecResult:
+        """The exec's output after ``cursor`` (never repeated), waiting up to ``wait_s`` for some or for its end."""
+        rec, job = self._job(session_id, exec_id)
+        self._touched.add(session_id)
+        out_at, err_at = parse_cursor(cursor)
+        deadline = time.monotonic() + max(0.0, min(wait_s, self.settings.exec_timeout_max_s))
+        ch = job.channel
+        while job.running and ch.stdout.total <= out_at and ch.stderr.total <= err_at:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ch.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ch.changed.wait(), remaining)
+        return job.result(out_at, err_at)
+
+    async def exec_input(self, session_id: UUID, exec_id: str, data: bytes, *, eof: bool = False) -> None:
+        rec, job = self._job(session_id, exec_id)
+        if not job.running:
+            raise errors.Conflict(f"exec {exec_id} has ended (exit code {job.exit_code})")
+        if len(data) > self.settings.max_input_bytes:
+            raise errors.PayloadTooLarge(f"input is over {self.settings.max_input_bytes} bytes")
+        if not job.background:  # the foreground command reads the terminal, as typed there
+            await self.send_input(session_id, data=data or None, keys=["C-d"] if eof else None)
+            return
+        if data:
+            written = job.channel.write_stdin(data)
+            if written < len(data):
+                raise errors.InputBacklog(f"the command is not reading its input: {max(written, 0)} of {len(data)} "
+                                          "bytes taken; send the rest later")
+        if eof:
+            job.channel.close_stdin()
+
+    async def signal_exec(self, session_id: UUID, exec_id: str, name: str) -> None:
+        rec, job = self._job(session_id, exec_id)
+        if not job.running:
+            raise errors.Conflict(f"exec {exec_id} has ended (exit code {job.exit_code})")
+        sig = signal.Signals[f"SIG{name}"]
+        if job.background:
+            self._signal_job(rec, job.channel, sig)
+        elif sig == signal.SIGINT:  # as Ctrl-C at the terminal: the shell learns of it too
+            await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
+        else:
+            self._signal_foreground(rec, sig)
+
+    async def stop_exec(self, session_id: UUID, exec_id: str, grace_s: float = 2.0) -> ExecResult:
+        """SIGTERM, then SIGKILL after ``grace_s`` -- for a command in the foreground, Ctrl-C first, as at a terminal
+        (the only stop for a loop the shell runs itself) -- and answer once it has ended, with all of its output."""
+        rec, job = self._job(session_id, exec_id)
+        if job.running:
+            steps = ("term", "kill") if job.background else ("int", "term", "kill")
+            await self._stop_exec(rec, job, steps=steps, grace_s=grace_s)
+        return job.result(0, 0)
+
+    async def _stop_exec(self, rec: SessionRec, job: ExecJob, steps: tuple[str, ...], grace_s: float = 1.0) -> None:
+        for step in steps:
+            if job.background:
+                self._signal_job(rec, job.channel, signal.SIGTERM if step == "term" else
+                                 signal.SIGKILL if step == "kill" else signal.SIGINT)
+            elif step == "int":
+                with contextlib.suppress(errors.AppError):
+                    await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
+            else:
+                self._signal_foreground(rec, signal.SIGTERM if step == "term" else signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.done), grace_s if step != "kill" else 0.5)
+            if not job.running:
+                return
+        if not job.background and rec.pid is not None and shell_state(rec.pid) == "prompt" and job.channel.started:
+            # stopped, and its shell back at its prompt without a word (one that draws no prompt mark): ask it
+            with contextlib.suppress(errors.AppError):
+                await self._run(rec, lambda r: self.input_commands(r.pane_id, job.channel.recovery()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.done), 1.0)
+
+    def _signal_job(self, rec: SessionRec, ch: ExecChannel, sig: signal.Signals) -> None:
+        """Signal a background job's process group -- as its shell reported it, so only once it is verified to be
+        a process group of this session's shell (same session id) owned by the session's account."""
+        pgid, ids = ch.pgid, self._shell_ids(rec)
+        if pgid is None or ids is None or pgid <= 1:
+            return
+        try:
+            leader = Path(f"/proc/{pgid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if (int(leader[3]), os.stat(f"/proc/{pgid}").st_uid) != ids:
+                return  # not a job of this shell's session (or not the account's): never signalled
+            if int(leader[2]) == pgid:
+                os.killpg(pgid, sig)
+            else:  # job control off in that shell: the job has no group of its own
+                os.kill(pgid, sig)
+        except (OSError, ValueError, IndexError):
+            return
+
+    @staticmethod
+    def _shell_ids(rec: SessionRec) -> tuple[int, int] | None:
+        """The (session id, uid) of the session's shell, noted while it lives: its jobs are signalled by them even
+        once it is gone (a session ends by its shell going first)."""
+        if rec.shell_ids is None and rec.pid is not None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat_ = Path(f"/proc/{rec.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+                rec.shell_ids = (int(stat_[3]), os.stat(f"/proc/{rec.pid}").st_uid)
+        return rec.shell_ids
+
+    def _end_execs(self, rec: SessionRec) -> None:
+        """The session is over: so are its background jobs (a shell going away does not end those it disowned)."""
+        for job in rec.execs.values():
+            if job.running and job.background:
+                self._signal_job(rec, job.channel, signal.SIGKILL)
+
+    async def _terminal(self, rec: SessionRec) -> TerminalEcho | None:
+        """The session's terminal, open for writing what exec shows there. Only a pseudo-terminal owned by the
+        session's own account (what tmux names could be anything: the user runs that tmux server)."""
+        if rec.echo is not None:
+            return rec.echo if rec.echo.fd >= 0 else None
+        (lines,) = await self._run(rec, lambda r: [f"display-message -p -t {quote(r.pane_id)} 'T#{{pane_tty}}'"])
+        path = next((ln[1:] for ln in lines if ln.startswith("T")), "")
+        server = self.servers.get(rec.account)
+        owner = server.account.uid if server is not None and self._iso().accounts else os.geteuid()
+        fd = -1
+        if re.fullmatch(r"/dev/pts/[0-9]{1,7}", path):
+            try:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except PermissionError:
+                    # A pseudo-terminal is its user's, 0600 (or 0620, group tty). The host is not that user and has
+                    # no DAC override: its group is given write access, as `mesg y` gives group tty (no other account
+                    # is in the host's group). Only one owned by the session's account.
+                    st = os.stat(path)
+                    if not stat.S_ISCHR(st.st_mode) or st.st_uid != owner:
+                        raise
+                    os.chown(path, -1, os.getegid())
+                    os.chmod(path, 0o620)
+                    fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                if not stat.S_ISCHR(st.st_mode) or st.st_uid != owner:
+                    os.close(fd)
+                    fd = -1
+            except OSError as exc:
+                logger.warning("cannot open the session's terminal: exec output is not shown there",
+                               extra={"session_id": str(rec.session_id), "error": str(exc)})
+                fd = -1
+        rec.echo = TerminalEcho(fd)
+        return rec.echo if fd >= 0 else None
+
+    async def _wait_status(self, rec: SessionRec, channel: ExecChannel, deadline: float, *, prompts: int,
+                           recover: bool = True) -> tuple[int | None, bool] | None:
         """The command's (exit status, shell exiting) as soon as it is known; None at the deadline.
 
         Known when the shell writes it (after the command, or from its EXIT trap); or, for a command a signal
         ended (Ctrl-C through /input, `kill -INT`), once the shell is back at its prompt without having written
-        it -- the interactive shell drops the rest of the line then -- by asking it for ``$?`` (``recovery``).
+        it -- the interactive shell drops the rest of the wrapper then -- by asking it for ``$?`` (``recovery``).
+        Back at its prompt: it drew one (a prompt mark more than the ``prompts`` seen when the line was typed) and
+        leads the terminal again. (A shell without the mark: the old guess, at its prompt for a while.)
         A shell gone without a word (killed): (None, True)."""
         seen_busy = False
         prompt_since: float | None = None
@@ -1065,7 +1355,7 @@ class Engine:
                     and now - typed_at >= self.UNSTARTED_S:
                 # Still at the prompt and the wrapper never began: the shell took it as more of an unfinished
                 # command the user left (an open quote, a trailing backslash). Ctrl-C drops that whole command,
-                # ours inside it; then the wrapper is typed once more -- only if it still has not begun.
+                # ours inside it; then the line is typed once more -- only if it still has not begun.
                 retyped = True
                 await self._abandon_pending_input(rec, channel)
                 typed_at = time.monotonic()
@@ -1073,10 +1363,11 @@ class Engine:
             if state == "busy":
                 seen_busy, prompt_since = True, None
             elif state == "prompt" and channel.started and recover and not recovered:
-                # Back at its prompt with no status written: ask for it. Soon when a job was seen running; else
-                # only after a while (a loop of builtins runs with the shell itself in the foreground).
+                # Back at its prompt with no status written: ask for it. With the prompt mark, once it is drawn;
+                # without, soon after a job was seen running -- never while the shell itself is what runs (a loop
+                # of builtins would read the question as its input): stopping the exec asks then.
                 prompt_since = prompt_since or now
-                if now - prompt_since >= (0.05 if seen_busy else 0.5):
+                if rec.prompts > prompts or (rec.prompts == 0 and seen_busy and now - prompt_since >= 0.05):
                     recovered = True
                     with contextlib.suppress(errors.AppError):
                         await self._run(rec, lambda r: self.input_commands(r.pane_id, channel.recovery()))
@@ -1090,37 +1381,15 @@ class Engine:
     UNSTARTED_S = 0.3
 
     async def _abandon_pending_input(self, rec: SessionRec, channel: ExecChannel) -> None:
-        logger.info("exec wrapper absorbed by unfinished input; clearing it", extra={"session_id": str(rec.session_id)})
+        logger.info("exec line absorbed by unfinished input; clearing it", extra={"session_id": str(rec.session_id)})
         with contextlib.suppress(errors.AppError):
             await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
         await asyncio.sleep(0.05)  # the shell redraws its prompt
         await self._back_at_prompt(rec, 1.0)
         if not channel.started and not channel.rc.done():
-            wrapper = channel.wrapper()
+            typed = channel.typed_line()
             with contextlib.suppress(errors.AppError):
-                await self._run(rec, lambda r: self.input_commands(r.pane_id, wrapper))
-
-    # Grace periods of a timed-out command: SIGINT (Ctrl-C at the terminal), then SIGTERM, then SIGKILL to the
-    # terminal's foreground process group.
-    STOP_GRACE_S = (1.0, 1.0, 0.5)
-
-    async def _stop_foreground(self, rec: SessionRec, channel: ExecChannel) -> None:
-        """After a timeout: end the foreground job -- Ctrl-C, then SIGTERM, then SIGKILL to its process group,
-        each after a grace period -- and get the shell back to its prompt with the exec's trap cleared, so the
-        session is usable for the next exec and nothing of the command is left running in the foreground."""
-        for step, grace in zip(("int", "term", "kill"), self.STOP_GRACE_S, strict=True):
-            if step == "int":
-                with contextlib.suppress(errors.AppError):
-                    await self._run(rec, lambda r: [f"send-keys -t {quote(r.pane_id)} C-c"])
-            else:
-                self._signal_foreground(rec, signal.SIGTERM if step == "term" else signal.SIGKILL)
-            if await self._back_at_prompt(rec, grace):
-                break
-        # back at the prompt: let the shell clear the exec's EXIT trap (and say $?, which nobody waits for now)
-        if self._shell_alive(rec) and not channel.rc.done():
-            with contextlib.suppress(errors.AppError):
-                await self._run(rec, lambda r: self.input_commands(r.pane_id, channel.recovery()))
-            await asyncio.wait([channel.rc], timeout=0.3)
+                await self._run(rec, lambda r: self.input_commands(r.pane_id, typed))
 
     async def _back_at_prompt(self, rec: SessionRec, within_s: float) -> bool:
         deadline = time.monotonic() + within_s
@@ -1148,6 +1417,60 @@ class Engine:
             os.killpg(tpgid, sig)
         except (OSError, ValueError, IndexError):
             return
+
+    # --- send and wait -----------------------------------------------------------------------------
+    async def send_and_wait(self, session_id: UUID, data: bytes | None, keys: list[str] | None, *, until: str,
+                            timeout_s: float, quiet_ms: int = 300, pattern: str | None = None) -> InputWaitResult:
+        """Send input, then wait until the shell is back at its prompt, the screen has been quiet for
+        ``quiet_ms``, or ``pattern`` is on the screen; answer with the screen (``matched`` false at the timeout).
+
+        The prompt is known from the mark the shell prints before each prompt (OSC 133;A, the terminals' "semantic
+        prompt", from the PROMPT_COMMAND the host gives every shell); for a shell that dropped it, from the shell
+        being in the foreground with no output for 50 ms."""
+        rec = self._get(session_id)
+        rx = None
+        if pattern is not None:
+            try:
+                rx = regex.compile(pattern)
+            except regex.error as exc:
+                raise errors.InvalidField("body.wait.pattern", f"not a valid regular expression: {exc}") from None
+        started = time.monotonic()
+        deadline = started + max(0.0, min(timeout_s, self.settings.exec_timeout_max_s))
+        prompts = rec.prompts
+        waiter = rec.output_changed
+        await self.send_input(session_id, data=data, keys=keys)
+        sent = time.monotonic()
+        matched = False
+        while True:
+            now = time.monotonic()
+            if until == "prompt":
+                if rec.prompts > prompts:
+                    # the mark comes just before the prompt itself: let that be drawn (no output for 2 ms)
+                    matched = now - rec.last_output >= 0.002
+                elif rec.prompts == 0 and rec.pid is not None and shell_state(rec.pid) == "prompt":
+                    matched = rec.last_output > sent and now - rec.last_output >= 0.05
+            elif until == "quiet":
+                matched = now - max(rec.last_output, sent) >= quiet_ms / 1000
+            else:
+                screen = await self.screen(session_id)
+                try:
+                    matched = rx is not None and rx.search(screen.text, timeout=0.05) is not None
+                except TimeoutError:
+                    raise errors.InvalidField("body.wait.pattern", "the pattern takes too long to match "
+                                                                   "(over 50 ms on one screen): simplify it") from None
+                if matched:
+                    return InputWaitResult(matched=True, waited_ms=round((time.monotonic() - started) * 1000, 3),
+                                           screen=screen)
+            if matched or now >= deadline:
+                break
+            step = 0.002 if until == "prompt" and rec.prompts > prompts else 0.05
+            if until == "quiet":
+                step = max(0.001, max(rec.last_output, sent) + quiet_ms / 1000 - now)
+            waiter.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), min(step, max(0.0, deadline - now)))
+        screen = await self.screen(session_id)
+        return InputWaitResult(matched=matched, waited_ms=round((time.monotonic() - started) * 1000, 3), screen=screen)
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi import Body, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -29,10 +29,18 @@ import tmuxi
 from tmuxi.errors import AppError, Unauthorized
 from tmuxi.models import (
     ErrorResponse,
+    ExecInput,
+    ExecList,
     ExecRequest,
     ExecResult,
+    ExecSignal,
+    FileContent,
+    FileList,
+    FileWrite,
+    FileWritten,
     HealthResponse,
     InputRequest,
+    InputWaitResult,
     Principal,
     RecordingList,
     ResizeRequest,
@@ -57,6 +65,8 @@ from tmuxi.observability import ERRORS, REQUEST_DURATION, REQUESTS, emit_request
 from tmuxi.pagination import MAX_PAGE, decode_cursor
 from tmuxi.routes import ROUTES
 from tmuxi.services import auth as auth_service
+from tmuxi.services import execs as execs_service
+from tmuxi.services import files as files_service
 from tmuxi.services import health as health_service
 from tmuxi.services import live as live_service
 from tmuxi.services import sessions as sessions_service
@@ -203,11 +213,11 @@ async def delete_session(id: UUID, request: Request) -> Response:  # noqa: A002
 
 
 @app.post("/sessions/{id}/input", status_code=204, response_class=Response, tags=["sessions"],
-          responses=_SESSION)
+          responses={**_SESSION, 200: {"model": InputWaitResult, "description": "with `wait`: the screen then"}})
 async def send_input(id: UUID, body: InputRequest, request: Request) -> Response:  # noqa: A002
     p = principal(request)
-    sessions_service.send_input(p, id, body)
-    return Response(status_code=204)
+    waited = sessions_service.send_input(p, id, body)
+    return Response(status_code=204) if waited is None else _json(waited)
 
 
 @app.get("/sessions/{id}/screen", response_model=ScreenResponse, tags=["sessions"], responses=_SESSION)
@@ -233,6 +243,87 @@ async def resize(id: UUID, body: ResizeRequest, request: Request) -> Response:  
 async def exec_command(id: UUID, body: ExecRequest, request: Request) -> Response:  # noqa: A002
     p = principal(request)
     return _json(sessions_service.exec_command(p, id, body))
+
+
+_EXEC_ID = Path(pattern=r"^[0-9a-f]{16}$", description="from an exec answer")
+
+
+@app.get("/sessions/{id}/execs", response_model=ExecList, tags=["execs"], responses=_SESSION)
+async def list_execs(id: UUID, request: Request) -> Response:  # noqa: A002
+    return _json(execs_service.list_execs(principal(request), id))
+
+
+@app.get("/sessions/{id}/execs/{exec_id}", response_model=ExecResult, tags=["execs"], responses=_SESSION)
+async def poll_exec(
+    request: Request,
+    id: UUID,  # noqa: A002
+    exec_id: str = _EXEC_ID,
+    cursor: str = Query("", max_length=40, description="from the last answer: only what came after it"),
+    wait_s: float = Query(0.0, ge=0, description="wait this long for more output (or the end) if none is there"),
+) -> Response:
+    return _json(execs_service.poll(principal(request), id, exec_id, cursor, wait_s))
+
+
+@app.post("/sessions/{id}/execs/{exec_id}/input", status_code=204, response_class=Response, tags=["execs"],
+          responses=_SESSION)
+async def exec_input(id: UUID, body: ExecInput, request: Request, exec_id: str = _EXEC_ID) -> Response:  # noqa: A002
+    execs_service.send_input(principal(request), id, exec_id, body)
+    return Response(status_code=204)
+
+
+@app.post("/sessions/{id}/execs/{exec_id}/signal", status_code=204, response_class=Response, tags=["execs"],
+          responses=_SESSION)
+async def signal_exec(id: UUID, body: ExecSignal, request: Request, exec_id: str = _EXEC_ID) -> Response:  # noqa: A002
+    execs_service.signal(principal(request), id, exec_id, body.signal)
+    return Response(status_code=204)
+
+
+@app.delete("/sessions/{id}/execs/{exec_id}", response_model=ExecResult, tags=["execs"], responses=_SESSION)
+async def stop_exec(
+    request: Request,
+    id: UUID,  # noqa: A002
+    exec_id: str = _EXEC_ID,
+    grace_s: float = Query(2.0, ge=0, le=20, description="SIGTERM, then SIGKILL after this long"),
+) -> Response:
+    return _json(execs_service.stop(principal(request), id, exec_id, grace_s))
+
+
+# --- files in the session's home -------------------------------------------------------------------------------
+_FILES: dict[int | str, dict[str, Any]] = {
+    **_SESSION,
+    400: _err("A path outside the home directory, empty, with a NUL or too long; a directory where a file is "
+              "expected, or the reverse"),
+    403: _err("The user's OS account may not read or write it (permission_denied)"),
+    404: _err("No such session of yours (not_found), or no such file (file_not_found)"),
+    410: _err("The session has ended"),
+    413: _err("The file is larger than TMUXI_MAX_FILE_BYTES (4 MiB): the message names both sizes"),
+    507: _err("No space left in the home to write the file"),
+}
+_FILE_PATH = Query(description="relative to the home directory, or absolute inside it")
+
+
+@app.put("/sessions/{id}/files", response_model=FileWritten, tags=["files"], responses=_FILES)
+async def write_file(id: UUID, body: FileWrite, request: Request) -> Response:  # noqa: A002
+    p = principal(request)
+    return _json(files_service.write_file(p, id, body))
+
+
+@app.get("/sessions/{id}/files", response_model=FileContent, tags=["files"], responses=_FILES)
+async def read_file(
+    request: Request,
+    id: UUID,  # noqa: A002
+    path: Annotated[str, _FILE_PATH],
+    encoding: Annotated[Literal["utf-8", "base64"] | None, Query(
+        description="base64: always base64; by default UTF-8 text when the file is UTF-8")] = None,
+) -> Response:
+    p = principal(request)
+    return _json(files_service.read_file(p, id, path, encoding))
+
+
+@app.get("/sessions/{id}/files/list", response_model=FileList, tags=["files"], responses=_FILES)
+async def list_files(request: Request, id: UUID, path: Annotated[str, _FILE_PATH] = ".") -> Response:  # noqa: A002
+    p = principal(request)
+    return _json(files_service.list_files(p, id, path))
 
 
 # --- live terminals (docs/websocket.md): connect tickets, read-only shares, recordings -----------------------
@@ -474,7 +565,7 @@ class _EdgeMiddleware:
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         start = time.perf_counter()
-        limit = get_settings().max_body_bytes
+        limit = _body_limit(scope)
         state = {"status": 0}
 
         async def send_wrapper(message: dict[str, Any]) -> None:
@@ -566,6 +657,15 @@ class _EdgeMiddleware:
         # failure (a refused login or token), 5xx an error
         emit_request_metrics(COMPONENT, route=route, status=status, duration_s=elapsed, error=status >= 500,
                              auth_failure=status == 401, request_id=ids["request_id"])
+
+
+def _body_limit(scope: dict[str, Any]) -> int:
+    """The largest body a route reads: a file's write takes a file (in base64), an exec a command as large as a file
+    may be; everything else max_body_bytes."""
+    s = get_settings()
+    if (scope.get("method"), _resource(scope)) in (("PUT", "/sessions/{id}/files"), ("POST", "/sessions/{id}/exec")):
+        return max(s.max_body_bytes, s.max_file_body_bytes)
+    return s.max_body_bytes
 
 
 def _principal_id(scope: dict[str, Any]) -> str | None:

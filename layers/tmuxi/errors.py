@@ -69,6 +69,13 @@ class NotFound(AppError):
     code = "not_found"
 
 
+class ExecNotFound(AppError):
+    """No such exec in the session (not a NotFound: that one, from a host, means the session itself is gone)."""
+
+    status = 404
+    code = "exec_not_found"
+
+
 class Conflict(AppError):
     status = 409
     code = "conflict"

@@ -12,11 +12,11 @@ import base64
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from uuid import UUID
 
 from tmuxi import errors
-from tmuxi.models import ExecResult, ScreenResponse
+from tmuxi.models import ExecRequest, ExecResult, InputWaitResult, ScreenResponse, WaitSpec
 from tmuxi.observability import request_id
 from tmuxi.settings import Settings, get_settings
 from tmuxi.snapstart import deferred_import
@@ -32,6 +32,10 @@ SECRET_HEADER = "X-Tmuxi-Host-Secret"  # noqa: S105 - a header name, not a secre
 # The id of the API request a host call serves (API Gateway's requestId): the host logs under it.
 REQUEST_ID_HEADER = "X-Request-Id"
 EXEC_TIMEOUT_MARGIN_S = 5.0
+# A file read's answer: the path relative to the home (percent-encoded UTF-8) and the mode ("0644") beside the bytes
+FILE_PATH_HEADER = "X-Tmuxi-File-Path"
+FILE_MODE_HEADER = "X-Tmuxi-File-Mode"
+FILE_TIMEOUT_MARGIN_S = 2.0  # the host gives a file operation host_timeout_s - 1; this is for the bytes' transfer
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,42 @@ class HostFull(errors.HostUnavailable):
     public_message = "the terminal service cannot take a new session right now; retry shortly"
 
 
+# --- files (tmux_host/files.py) -------------------------------------------------------------------------------
+class FileError(errors.AppError):
+    """A file operation refused for a reason in the request itself (the path, the file, its size). Not a
+    NotFound: the session is there (sessions.on_host reads a 404 ``not_found`` from a host as the session gone).
+    The host builds the message from what the request gave (the path relative to the home, sizes) and the OS's
+    reason, so it is passed on to the caller as is."""
+
+    status = 400
+    code = "file_error"
+
+
+class FileBadPath(FileError):
+    code = "bad_path"  # leaves the home, NUL, too long; a directory where a file is expected, or the reverse
+
+
+class FileMissing(FileError):
+    status = 404
+    code = "file_not_found"
+
+
+class FileDenied(FileError):
+    status = 403
+    code = "permission_denied"  # the user's OS account may not (a link to another account's home, /etc/shadow)
+
+
+class FileTooLarge(FileError):
+    status = 413
+    code = "file_too_large"
+
+
+class FileNoSpace(FileError):
+    status = 507
+    code = "no_space"
+    public_message = "no space left in the session's home to write the file"
+
+
 def _error_classes() -> dict[str, type[errors.AppError]]:
     found: dict[str, type[errors.AppError]] = {}
     stack: list[type[errors.AppError]] = [errors.AppError]
@@ -73,6 +113,8 @@ _BY_STATUS: dict[int, type[errors.AppError]] = {
 _OURS = {401, 403}
 
 # What a caller is told when the host refuses a request (its own message goes to the log).
+# 4xx whose message the host writes for the caller: which exec holds the session, why input was not taken
+_PASSED_ON = frozenset({"session_busy", "exec_not_found", "conflict", "input_backlog"})
 _PUBLIC: dict[str, str] = {
     "not_found": "session not found",
     "session_busy": "the session is busy (a command or program is running in it); retry when it is done",
@@ -141,15 +183,17 @@ class HostClient:
     # --- plumbing ----------------------------------------------------------------------------------
     def _request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, content: bytes | None = None,
     ) -> httpx.Response:
         headers = {SECRET_HEADER: self._secret}
+        if content is not None:
+            headers["Content-Type"] = "application/octet-stream"
         rid = request_id()
         if rid is not None:
             headers[REQUEST_ID_HEADER] = rid
         try:
             resp = self._http.request(
-                method, path, json=json, params=params, headers=headers,
+                method, path, json=json, params=params, headers=headers, content=content,
                 timeout=timeout_s if timeout_s is not None else self.timeout_s,
             )
         except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError) as exc:
@@ -168,6 +212,7 @@ class HostClient:
     def _to_error(resp: httpx.Response, base_url: str = "") -> errors.AppError:
         code, message = None, ""
         details: Any = {}
+        body: Any = {}
         try:
             body = resp.json()["error"]
             code, message = body.get("code"), str(body.get("message") or "")
@@ -176,12 +221,20 @@ class HostClient:
             pass
         detail = f"tmux host {base_url or '?'} answered {resp.status_code} {code}: {message}"
         cls = _error_classes().get(code or "") if code else None
-        if resp.status_code in _OURS:
+        if resp.status_code in _OURS and not (cls is not None and issubclass(cls, FileError)):
             cls = errors.HostUnavailable
         elif cls is None or cls.status != resp.status_code:
             cls = _BY_STATUS.get(resp.status_code, errors.AppError)
         if cls.status >= 500:
             return cls(detail)  # 5xx: the message is for the log; the body says busy/unavailable
+        if issubclass(cls, FileError):
+            return cls(message[:5000] or "the file operation was refused", internal=detail)
+        if cls is errors.InvalidField:
+            fields = body.get("fields") if isinstance(body, dict) else None
+            first = fields[0] if isinstance(fields, list) and fields and isinstance(fields[0], dict) else {}
+            return errors.InvalidField(str(first.get("field", "body"))[:100], str(first.get("message", message))[:1000])
+        if cls.code in _PASSED_ON:  # the host's own words about the exec (ids, counts), never a path
+            return cls(message[:1000] or _PUBLIC.get(cls.code, "the request was refused"), internal=detail)
         if cls is errors.SessionGone and isinstance(details, dict):  # how it ended, in the host's words
             kept = {k: str(details[k])[:200] for k in ("state", "end_reason") if k in details}
             return cls(_PUBLIC[cls.code], internal=detail, **kept)
@@ -209,6 +262,17 @@ class HostClient:
         if body:
             self._request("POST", f"/v1/sessions/{session_id}/input", json=body)
 
+    def send_and_wait(self, session_id: UUID, data: bytes | None, keys: list[str] | None,
+                      wait: WaitSpec) -> InputWaitResult:
+        body: dict[str, Any] = {"wait": wait.model_dump(exclude_none=True)}
+        if data:
+            body["data_b64"] = base64.b64encode(data).decode("ascii")
+        if keys:
+            body["keys"] = keys
+        resp = self._request("POST", f"/v1/sessions/{session_id}/input", json=body,
+                             timeout_s=wait.timeout_s + max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s))
+        return InputWaitResult.model_validate(resp.json())
+
     def screen(self, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
         params = {"escapes": int(escapes), "history": history}
         return ScreenResponse.model_validate(
@@ -218,13 +282,34 @@ class HostClient:
     def resize(self, session_id: UUID, cols: int, rows: int) -> None:
         self._request("POST", f"/v1/sessions/{session_id}/resize", json={"cols": cols, "rows": rows})
 
-    def exec(self, session_id: UUID, command: str, timeout_s: float | None = None) -> ExecResult:
-        t = timeout_s if timeout_s is not None else self.settings.exec_timeout_default_s
-        t = min(t, self.settings.exec_timeout_max_s)
-        resp = self._request(
-            "POST", f"/v1/sessions/{session_id}/exec", json={"command": command, "timeout_s": t},
-            timeout_s=t + max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s),
-        )
+    def exec(self, session_id: UUID, command: str | ExecRequest, timeout_s: float | None = None) -> ExecResult:
+        req = command if isinstance(command, ExecRequest) else ExecRequest(command=command, timeout_s=timeout_s)
+        t = req.timeout_s if req.timeout_s is not None else self.settings.exec_timeout_default_s
+        body = req.model_dump(exclude_none=True)
+        body["timeout_s"] = min(t, self.settings.exec_timeout_max_s)
+        resp = self._request("POST", f"/v1/sessions/{session_id}/exec", json=body,
+                             timeout_s=body["timeout_s"] + max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s))
+        return ExecResult.model_validate(resp.json())
+
+    def list_execs(self, session_id: UUID) -> list[dict[str, Any]]:
+        return list(_obj(self._request("GET", f"/v1/sessions/{session_id}/execs"))["execs"])
+
+    def poll_exec(self, session_id: UUID, exec_id: str, cursor: str = "", wait_s: float = 0.0) -> ExecResult:
+        resp = self._request("GET", f"/v1/sessions/{session_id}/execs/{exec_id}",
+                             params={"cursor": cursor, "wait_s": wait_s},
+                             timeout_s=wait_s + max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s))
+        return ExecResult.model_validate(resp.json())
+
+    def exec_input(self, session_id: UUID, exec_id: str, data: bytes, eof: bool = False) -> None:
+        self._request("POST", f"/v1/sessions/{session_id}/execs/{exec_id}/input",
+                      json={"data_b64": base64.b64encode(data).decode("ascii"), "eof": eof})
+
+    def signal_exec(self, session_id: UUID, exec_id: str, signal: str) -> None:
+        self._request("POST", f"/v1/sessions/{session_id}/execs/{exec_id}/signal", json={"signal": signal})
+
+    def stop_exec(self, session_id: UUID, exec_id: str, grace_s: float) -> ExecResult:
+        resp = self._request("DELETE", f"/v1/sessions/{session_id}/execs/{exec_id}", params={"grace_s": grace_s},
+                             timeout_s=grace_s + 2 * max(EXEC_TIMEOUT_MARGIN_S, self.timeout_s))
         return ExecResult.model_validate(resp.json())
 
     def health(self) -> dict[str, Any]:
@@ -259,3 +344,23 @@ class HostClient:
         ``notify``: the host tells the client (``detached`` with ``reason``)."""
         self._request("DELETE", f"/v1/viewers/{quote(connection_id, safe='')}",
                       params={"reason": reason, "notify": 1 if notify else 0})
+
+    # --- files in the session's home (tmux_host/files.py): raw bytes both ways, no base64 between API and host ---
+    def write_file(self, session_id: UUID, path: str, data: bytes, mode: str | None) -> dict[str, Any]:
+        """Write ``data`` to ``path`` (``mode``: "0644"; None keeps an existing file's). ``{"path", "size",
+        "mode"}`` with the path relative to the home."""
+        params = {"path": path, **({"mode": mode} if mode is not None else {})}
+        return _obj(self._request("PUT", f"/v1/sessions/{session_id}/files", params=params, content=data,
+                                  timeout_s=self.timeout_s + FILE_TIMEOUT_MARGIN_S))
+
+    def read_file(self, session_id: UUID, path: str) -> tuple[bytes, str, str]:
+        """(the file's bytes, its path relative to the home, its mode "0644")."""
+        resp = self._request("GET", f"/v1/sessions/{session_id}/files", params={"path": path},
+                             timeout_s=self.timeout_s + FILE_TIMEOUT_MARGIN_S)
+        return (resp.content, unquote(resp.headers.get(FILE_PATH_HEADER, path)),
+                resp.headers.get(FILE_MODE_HEADER, ""))
+
+    def list_files(self, session_id: UUID, path: str) -> dict[str, Any]:
+        """``{"path", "entries": [{name, type, size, mode, mtime (unix seconds)}], "truncated"}``."""
+        return _obj(self._request("GET", f"/v1/sessions/{session_id}/files/list", params={"path": path},
+                                  timeout_s=self.timeout_s + FILE_TIMEOUT_MARGIN_S))

@@ -99,6 +99,20 @@ class SessionList(BaseModel):
     )
 
 
+class WaitSpec(_Strict):
+    until: Literal["prompt", "quiet", "pattern"]
+    quiet_ms: int = Field(default=300, ge=10, le=20000, description="until=quiet: no output for this long")
+    pattern: str | None = Field(default=None, min_length=1, max_length=1000,
+                                description="until=pattern: a regular expression searched in the screen")
+    timeout_s: float = Field(default=10.0, gt=0, le=EXEC_TIMEOUT_MAX_S)
+
+    @model_validator(mode="after")
+    def _pattern(self) -> WaitSpec:
+        if (self.until == "pattern") != (self.pattern is not None):
+            raise ValueError("give a pattern exactly when until is 'pattern'")
+        return self
+
+
 class InputRequest(_Strict):
     """Exactly one of ``text`` (UTF-8), ``data_b64`` (raw bytes, base64) or ``keys`` (tmux key names)."""
 
@@ -106,6 +120,8 @@ class InputRequest(_Strict):
     data_b64: str | None = None
     keys: list[str] | None = Field(default=None, max_length=256)
     enter: bool = False
+    wait: WaitSpec | None = Field(default=None, description="then wait (for the prompt, for quiet, for a pattern) "
+                                                            "and answer with the screen")
 
     @field_validator("keys")
     @classmethod
@@ -142,18 +158,84 @@ class ExecRequest(_Strict):
     command: str = Field(min_length=1)
     timeout_s: float | None = Field(
         default=None, gt=0, le=EXEC_TIMEOUT_MAX_S,
-        description=f"seconds (default 20); at most {EXEC_TIMEOUT_MAX_S:g}: the REST API answers within "
-                    "API Gateway's 29 s integration timeout",
+        description=f"seconds this request waits for the command (default 20; at most {EXEC_TIMEOUT_MAX_S:g}, "
+                    "within API Gateway's 29 s). A command still running then goes on (see on_timeout): the answer "
+                    "carries its exec_id, to poll, feed and stop it",
     )
+    on_timeout: Literal["background", "kill"] = Field(
+        default="background", description="background: the command goes on, poll GET /execs/{exec_id}; kill: "
+                                          "Ctrl-C, then SIGTERM, then SIGKILL, and the answer is final")
+    background: bool = Field(default=False, description="run as a background job of the shell (several may run at "
+                                                        "once); its stdin is fed through /execs/{exec_id}/input")
+    streams: Literal["split", "merged"] = Field(
+        default="split", description="split: stdout and stderr apart; merged: both in `output`, in order")
+    encoding: Literal["utf-8", "base64"] = Field(
+        default="utf-8", description="utf-8: text, bytes that are not UTF-8 become U+FFFD and `lossy` is true; "
+                                     "base64: the bytes exactly")
+    max_output_bytes: int | None = Field(
+        default=None, ge=1024, description="per stream: the first and last halves are kept, the middle is counted "
+                                           "and marked (default and maximum: the deployment's)")
 
 
 class ExecResult(BaseModel):
-    exit_code: int | None  # 128+n for a command a signal ended (130: Ctrl-C); None when timed out or unknown
-    output: str
-    timed_out: bool
-    truncated: bool
+    exec_id: str = ""
+    running: bool = False  # still running: poll GET /sessions/{id}/execs/{exec_id}?cursor=...
+    exit_code: int | None  # 128+n for a command a signal ended (130: Ctrl-C); None while running or unknown
+    timed_out: bool  # the wait ended before the command did
+    stdout: str = ""
+    stderr: str = ""
+    output: str | None = None  # streams=merged: stdout and stderr together, in order
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+    lossy: bool = False  # some bytes were not UTF-8 (shown as U+FFFD): ask with encoding=base64 for them exactly
+    stdout_bytes: int = 0  # written in all, so far
+    stderr_bytes: int = 0
+    truncated: bool = False  # a middle part was left out (marked in place with the count)
+    cursor: str = ""  # pass to GET /execs/{exec_id}?cursor= for only what comes after this answer
     duration_ms: float
     session_ended: bool = False  # the command ended the session's shell (exit, exec, set -e): the session is over
+
+
+class ExecInfo(BaseModel):
+    exec_id: str
+    command: str  # its first 200 characters
+    background: bool
+    running: bool
+    exit_code: int | None
+    started_at: datetime
+
+
+class ExecList(BaseModel):
+    execs: list[ExecInfo]
+
+
+class ExecInput(_Strict):
+    """Input for a running exec: to the terminal for one in the foreground, to its stdin for a background one."""
+
+    text: str | None = None
+    data_b64: str | None = None
+    enter: bool = False
+    eof: bool = Field(default=False, description="then end its input (Ctrl-D at a terminal)")
+
+    @model_validator(mode="after")
+    def _one(self) -> ExecInput:
+        if self.text is not None and self.data_b64 is not None:
+            raise ValueError("give text or data_b64, not both")
+        if self.text is None and self.data_b64 is None and not self.eof and not self.enter:
+            raise ValueError("give text, data_b64, enter or eof")
+        return self
+
+
+SignalName = Literal["INT", "TERM", "KILL", "HUP", "QUIT", "USR1", "USR2", "CONT", "STOP"]
+
+
+class ExecSignal(_Strict):
+    signal: SignalName
+
+
+class InputWaitResult(BaseModel):
+    matched: bool  # the condition was met (False: the timeout came first)
+    waited_ms: float
+    screen: ScreenResponse
 
 
 # --- users (admin) ---------------------------------------------------------------------------------
@@ -271,3 +353,59 @@ class DetachRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["detach"] = "detach"
+
+
+# --- files in a session's home (PUT/GET /sessions/{id}/files, GET /sessions/{id}/files/list) -------------------
+FILE_MODE = r"0?[0-7]{3}"  # octal permission bits only (no setuid, setgid or sticky bit); a whole match
+_PATH_DOC = "relative to the home directory, or absolute inside it; one that leaves the home is refused (400)"
+
+
+class FileWrite(_Strict):
+    """Exactly one of ``content`` (UTF-8 text, written as its UTF-8 bytes) or ``content_b64`` (the bytes,
+    base64)."""
+
+    path: str = Field(description=_PATH_DOC)
+    content: str | None = None
+    content_b64: str | None = None
+    mode: str | None = Field(default=None, pattern=f"^{FILE_MODE}$", description="octal, e.g. \"0644\" (default: an "
+                             "existing file's own, 0644 for a new one)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FileWrite:
+        if (self.content is None) == (self.content_b64 is None):
+            raise ValueError("give exactly one of content or content_b64")
+        return self
+
+
+class FileWritten(BaseModel):
+    path: str = Field(description="relative to the home directory")
+    size: int
+    mode: str
+    sha256: str
+
+
+class FileContent(BaseModel):
+    path: str = Field(description="relative to the home directory")
+    size: int
+    mode: str
+    encoding: Literal["utf-8", "base64"] = Field(
+        description="utf-8: content is the text; base64: the bytes are not UTF-8 (or base64 was asked for, or the "
+                    "text escaped for JSON would not fit the answer)")
+    content: str
+    sha256: str
+
+
+class FileEntry(BaseModel):
+    name: str
+    type: Literal["file", "dir", "link", "other"]
+    size: int
+    mode: str
+    mtime: datetime
+
+
+class FileList(BaseModel):
+    """A directory's entries by name (a link is listed as itself, not followed)."""
+
+    path: str = Field(description="relative to the home directory")
+    entries: list[FileEntry]
+    truncated: bool = Field(default=False, description="the directory holds more entries than one answer lists")

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 
 WORK_KINDS = ("data", "slow", "long", "hash")
+FUNCTION_KINDS = ("api", "mcp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +34,15 @@ class Route:
     #   "hash": password hashing (tens of milliseconds of CPU each): its own small, bounded pool, so a login
     #           flood is throttled (429) instead of queueing terminal work behind it.
     work: str = "data"
+    # The Lambda function that serves it (functions/<function>/handler.py): the REST API's "api", or "mcp" (MCP's
+    # Streamable HTTP transport, whose tools call the REST API in turn).
+    function: str = "api"
 
     def __post_init__(self) -> None:
         if self.work not in WORK_KINDS:
             raise ValueError(f"route {self.method} {self.resource}: work must be one of {WORK_KINDS}")
+        if self.function not in FUNCTION_KINDS:
+            raise ValueError(f"route {self.method} {self.resource}: function must be one of {FUNCTION_KINDS}")
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -54,10 +60,19 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/sessions", True, "list_sessions"),
     Route("GET", "/sessions/{id}", True, "get_session"),
     Route("DELETE", "/sessions/{id}", True, "delete_session", work="slow"),
-    Route("POST", "/sessions/{id}/input", True, "send_input", work="slow"),
+    Route("POST", "/sessions/{id}/input", True, "send_input", work="long"),  # with `wait`: waits on the terminal
     Route("GET", "/sessions/{id}/screen", True, "read_screen", work="slow"),
     Route("POST", "/sessions/{id}/resize", True, "resize", work="slow"),
     Route("POST", "/sessions/{id}/exec", True, "exec_command", work="long"),
+    Route("GET", "/sessions/{id}/execs", True, "list_execs", work="slow"),
+    Route("GET", "/sessions/{id}/execs/{exec_id}", True, "poll_exec", work="long"),  # may wait for output
+    Route("DELETE", "/sessions/{id}/execs/{exec_id}", True, "stop_exec", work="long"),  # waits out the grace
+    Route("POST", "/sessions/{id}/execs/{exec_id}/input", True, "exec_input", work="slow"),
+    Route("POST", "/sessions/{id}/execs/{exec_id}/signal", True, "signal_exec", work="slow"),
+    # files in the session's home (read and written by the host as the session's OS account)
+    Route("PUT", "/sessions/{id}/files", True, "write_file", work="slow"),
+    Route("GET", "/sessions/{id}/files", True, "read_file", work="slow"),
+    Route("GET", "/sessions/{id}/files/list", True, "list_files", work="slow"),
     # live terminals (docs/websocket.md): connect tickets, read-only shares, recordings
     Route("POST", "/ws/tickets", True, "mint_ws_ticket"),
     Route("POST", "/ws/share-tickets", False, "redeem_share"),  # the share token is in the body, never the URL
@@ -66,6 +81,12 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/sessions/{id}/shares/{share_id}", True, "revoke_share", work="slow"),  # detaches viewers
     Route("GET", "/sessions/{id}/recordings", True, "list_recordings", work="slow"),  # S3
     Route("GET", "/sessions/{id}/recordings/{name}", True, "get_recording", work="slow"),
+    # MCP over Streamable HTTP (stateless, JSON answers: one request, one invocation). Its tools call this API with
+    # the caller's token, so a tool call may wait as long as an exec. GET (a server-sent event stream) and DELETE
+    # (end an MCP session) are answered 405 by the function: there is no stream and no session to end.
+    Route("POST", "/mcp", True, "mcp", work="long", function="mcp"),
+    Route("GET", "/mcp", True, "mcp_stream", work="slow", function="mcp"),
+    Route("DELETE", "/mcp", True, "mcp_end", work="slow", function="mcp"),
     # users (admins only)
     Route("POST", "/users/{username}/disable", True, "disable_user"),
     Route("POST", "/users/{username}/enable", True, "enable_user"),

@@ -20,8 +20,9 @@ ENV_PREFIX = "TMUXI_"
 # while the command may still run). The API waits on the host for the exec's timeout plus
 # max(EXEC_HOST_MARGIN_S, host_timeout_s) (host_client.exec), and needs EXEC_API_RESERVE_S for its own work
 # around that call (the session's lookup before it, the activity record after). The host answers within the
-# margin: after a timeout it stops the command in at most 2.5 s (tmux_host/engine.py STOP_GRACE_S: SIGINT, SIGTERM
-# 1 s later, SIGKILL 1 s after that, 0.5 s for it to go) and reads the shell's $? back (0.3 s).
+# margin: with on_timeout=kill it stops the command in at most 2.5 s (tmux_host/engine.py _stop_exec: Ctrl-C, SIGTERM
+# 1 s later, SIGKILL 1 s after that, 0.5 s for it to go) and, for a shell that draws no prompt mark, asks for its $?
+# (1 s). By default the command is not stopped: the answer comes at the timeout.
 EXEC_HOST_MARGIN_S = 5.0  # = host_client.EXEC_TIMEOUT_MARGIN_S (tests/integration/test_exec_deadline.py)
 EXEC_API_RESERVE_S = 2.0
 _PLACEHOLDERS = {"", "changeme", "change-me", "secret", "password", "dev", "development", "test"}
@@ -111,7 +112,7 @@ class Settings(BaseSettings):
     login_lockout_base_s: float = Field(1.0, gt=0)
     login_lockout_max_s: float = Field(900.0, gt=0)
     max_input_bytes: int = Field(65536, ge=1)
-    max_command_bytes: int = Field(16384, ge=1)
+    max_command_bytes: int = Field(4 << 20, ge=1)  # as large as a file may be (max_file_bytes)
     max_body_bytes: int = Field(262144, ge=1024)
     exec_timeout_default_s: float = Field(20.0, gt=0, le=EXEC_TIMEOUT_MAX_S)
     # 20 + max(5, host_timeout_s 5) + 2 = 27 s at worst (exec_worst_case_s), within API Gateway's 29 s
@@ -243,6 +244,17 @@ class Settings(BaseSettings):
     # Each attempt (two at most: one retry) waits this long; the alerts function's 60 s timeout covers both.
     alert_webhook_timeout_s: float = Field(5.0, gt=0, le=10)
 
+    # --- Files in a session's home (PUT/GET /sessions/{id}/files, tmux_host/files.py): the largest file written or
+    # read. 4 MiB: in base64 (x 4/3) in a JSON body or answer it stays within Lambda's 6 MB synchronous payload.
+    max_file_bytes: int = Field(4 << 20, ge=1024, le=4 << 20)
+
+    # --- MCP (tmuxi/mcp): the tools call the REST API with the caller's own token. api_url: the REST API's base URL
+    # (the mcp function: in AWS the stage's URL, built from the RestApi id; locally the gateway's own URL; the stdio
+    # server: its default for --api-url). token: the stdio server's bearer token (the user's own; an environment
+    # variable, never an argument or a URL, which other users' `ps` could read).
+    api_url: str | None = None
+    token: SecretStr | None = None
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
         if self.environment in ("staging", "production"):
@@ -292,6 +304,12 @@ class Settings(BaseSettings):
         """The longest an exec can take to answer through the API (see EXEC_API_RESERVE_S): at most API
         Gateway's integration timeout (enforced above)."""
         return self.exec_timeout_max_s + max(EXEC_HOST_MARGIN_S, self.host_timeout_s) + EXEC_API_RESERVE_S
+
+    @property
+    def max_file_body_bytes(self) -> int:
+        """The largest PUT /sessions/{id}/files body the API reads: the file in base64, its path (JSON-escaped) and
+        the JSON around them."""
+        return 4 * ((self.max_file_bytes + 2) // 3) + 32768
 
     @property
     def advertised_host_url(self) -> str:

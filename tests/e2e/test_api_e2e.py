@@ -39,8 +39,9 @@ def _err(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return body
 
 
-def _exec(stack: Any, headers: dict[str, str], sid: str, command: str, timeout_s: float = 20) -> dict[str, Any]:
-    r = stack.client.post(f"/sessions/{sid}/exec", json={"command": command, "timeout_s": timeout_s},
+def _exec(stack: Any, headers: dict[str, str], sid: str, command: str, timeout_s: float = 20,
+          **options: Any) -> dict[str, Any]:
+    r = stack.client.post(f"/sessions/{sid}/exec", json={"command": command, "timeout_s": timeout_s, **options},
                           headers=headers)
     assert r.status_code == 200, r.text
     out: dict[str, Any] = r.json()
@@ -224,13 +225,13 @@ def test_session_name_with_metacharacters_is_literal(stack: Any, user: dict[str,
     assert r.json()["name"] == name
     assert stack.client.get(f"/sessions/{sid}", headers=user).json()["name"] == name
     out = _exec(stack, user, sid, "echo alive")
-    assert out["exit_code"] == 0 and "alive" in out["output"]
+    assert out["exit_code"] == 0 and "alive" in out["stdout"]
     stack.client.delete(f"/sessions/{sid}", headers=user)
 
 
 def test_command_metacharacters_reach_the_shell_literally(stack: Any, user: dict[str, str], session: str) -> None:
     out = _exec(stack, user, session, f"printf %s {shlex.quote(NASTY)}")
-    assert out["exit_code"] == 0 and out["output"].strip() == NASTY
+    assert out["exit_code"] == 0 and out["stdout"].strip() == NASTY
     assert stack.client.get(f"/sessions/{session}", headers=user).json()["state"] == "active"
 
 
@@ -263,10 +264,10 @@ def test_input_text_and_binary_reach_the_shell_literally(stack: Any, user: dict[
     while True:
         r = stack.client.post(f"/sessions/{session}/exec", json={"command": f"od -An -v -tx1 {path} | tr -d ' \\n'"},
                               headers=user)
-        if (r.status_code == 200 and r.json()["output"].strip() == raw.hex()) or time.monotonic() > deadline:
+        if (r.status_code == 200 and r.json()["stdout"].strip() == raw.hex()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert r.status_code == 200 and r.json()["output"].strip() == raw.hex(), r.text
+    assert r.status_code == 200 and r.json()["stdout"].strip() == raw.hex(), r.text
     _exec(stack, user, session, f"rm -f {path}")
 
 
@@ -275,10 +276,10 @@ def test_input_text_and_binary_reach_the_shell_literally(stack: Any, user: dict[
 
 def test_exec_timeout_then_session_still_works(stack: Any, user: dict[str, str], session: str) -> None:
     t0 = time.monotonic()
-    out = _exec(stack, user, session, "sleep 1000", timeout_s=1)
-    assert out["timed_out"] is True and time.monotonic() - t0 < 15
+    out = _exec(stack, user, session, "sleep 1000", timeout_s=1, on_timeout="kill")
+    assert out["timed_out"] is True and out["running"] is False and time.monotonic() - t0 < 15
     out = _exec(stack, user, session, "echo ok")
-    assert out["exit_code"] == 0 and out["output"].strip() == "ok" and out["timed_out"] is False
+    assert out["exit_code"] == 0 and out["stdout"].strip() == "ok" and out["timed_out"] is False
 
 
 def _new_session(stack: Any, headers: dict[str, str]) -> str:
@@ -299,7 +300,7 @@ def test_exec_that_exits_the_shell_ends_the_session(stack: Any) -> None:
                           headers=headers)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert (body["output"], body["exit_code"], body["session_ended"], body["timed_out"]) == ("bye\n", 3, True, False)
+    assert (body["stdout"], body["exit_code"], body["session_ended"], body["timed_out"]) == ("bye\n", 3, True, False)
     assert time.monotonic() - t0 < 10, "waited for the timeout instead of noticing the shell exit"
     assert stack.client.get(f"/sessions/{sid}", headers=headers).json()["state"] == "exited"
     gone = _err(stack.client.post(f"/sessions/{sid}/input", json={"text": "x"}, headers=headers), 410,
@@ -320,9 +321,9 @@ def test_exec_after_unfinished_input_runs_alone(stack: Any) -> None:
         time.sleep(0.2)  # the shell has read it
         t0 = time.monotonic()
         body = _exec(stack, headers, sid, "echo ran; false")
-        assert (body["output"], body["exit_code"], body["timed_out"]) == ("ran\n", 1, False), (pending, body)
+        assert (body["stdout"], body["exit_code"], body["timed_out"]) == ("ran\n", 1, False), (pending, body)
         assert time.monotonic() - t0 < 5, f"waited for the timeout after {pending!r}"
-    assert _exec(stack, headers, sid, "echo after")["output"] == "after\n"
+    assert _exec(stack, headers, sid, "echo after")["stdout"] == "after\n"
 
 
 def test_typing_exit_ends_the_session(stack: Any) -> None:

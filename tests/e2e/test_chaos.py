@@ -607,7 +607,7 @@ def test_eight_clients_while_redis_a_host_a_tmux_server_and_postgres_die_in_turn
             if r.status_code != 200 or r.json()["exit_code"] != 0:
                 failures.append(f"{c.username}: cat ~/acks in active {readers[0]} -> {r.status_code} {r.text[:200]}")
                 continue
-            seen = set(r.json()["output"].split())
+            seen = set(r.json()["stdout"].split())
             for sid, m in marks:
                 own = world.db[sid]["state"] == "active"
                 if m in seen:

@@ -50,9 +50,9 @@ class User:
                 self.stack.client.delete(f"/sessions/{sid}", headers=self.h)
         raise AssertionError(f"could not place a session on {host_id}")
 
-    def exec(self, cmd: str, timeout_s: float = 20, sid: str | None = None) -> dict[str, Any]:
+    def exec(self, cmd: str, timeout_s: float = 20, sid: str | None = None, **options: Any) -> dict[str, Any]:
         r = self.stack.client.post(f"/sessions/{sid or self.sid}/exec",
-                                   json={"command": cmd, "timeout_s": timeout_s}, headers=self.h)
+                                   json={"command": cmd, "timeout_s": timeout_s, **options}, headers=self.h)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         return out
@@ -66,7 +66,7 @@ class User:
         return self.stack.stack.socket_dir / self.session()["host_id"]
 
     def account(self) -> int:
-        uid = int(self.exec("id -u")["output"])
+        uid = int(self.exec("id -u")["stdout"])
         return uid - 200_000
 
 
@@ -97,16 +97,16 @@ def split(secret: str) -> str:
 def test_shells_run_as_their_own_account_with_a_fresh_environment(pair: tuple[User, User]) -> None:
     a, b = pair
     ida, idb = a.exec("id -u; id -g; id -G; echo $HOME; stat -c %a:%u $HOME; pwd"), b.exec("id -u")
-    uid, gid, groups, home, mode, cwd = ida["output"].split("\n")[:6]
-    assert int(uid) >= 200_000 and uid == gid == groups and uid != idb["output"].strip()
+    uid, gid, groups, home, mode, cwd = ida["stdout"].split("\n")[:6]
+    assert int(uid) >= 200_000 and uid == gid == groups and uid != idb["stdout"].strip()
     assert mode == f"700:{uid}" and cwd == home and home != os.environ.get("HOME")
-    env = a.exec("env")["output"]
+    env = a.exec("env")["stdout"]
     assert "TMUXI_SESSION_ID" in env and not any(
         line.split("=", 1)[0].startswith("TMUXI_") and not line.startswith("TMUXI_SESSION_ID=")
         for line in env.splitlines())
     # no privilege to gain from a setuid binary; every process in the account's own cgroups
-    assert a.exec("grep NoNewPrivs /proc/self/status")["output"].split() == ["NoNewPrivs:", "1"]
-    groups = a.exec("grep -E ':(memory|pids):' /proc/self/cgroup")["output"].split()
+    assert a.exec("grep NoNewPrivs /proc/self/status")["stdout"].split() == ["NoNewPrivs:", "1"]
+    groups = a.exec("grep -E ':(memory|pids):' /proc/self/cgroup")["stdout"].split()
     assert len(groups) == 2 and all(re.search(rf"/tmuxi-{a.session()['host_id']}-[0-9a-f]{{8}}/a{a.account()}$", g)
                                     for g in groups)
 
@@ -117,7 +117,7 @@ def test_no_secret_in_any_environment_command_line_or_readable_file(stack: Stack
     data_dir = stack.stack.data_dir
     # the services' environments and command lines, as the attacker sees them
     dump = a.exec("for p in /proc/[0-9]*; do cat $p/environ $p/cmdline; echo; done 2>/dev/null | base64 -w0")
-    seen = base64.b64decode(dump["output"])
+    seen = base64.b64decode(dump["stdout"])
     assert len(seen) > 1000 and b"tmux" in seen  # it did read the command lines it may read
     assert b"TMUXI_" not in seen.replace(b"TMUXI_SESSION_ID", b"")
     for name, secret in secrets_of(stack).items():
@@ -127,24 +127,25 @@ def test_no_secret_in_any_environment_command_line_or_readable_file(stack: Stack
         # service writes to, which made the search outlast its timeout on a machine with old clones in /tmp)
         skip = " ".join(f"--exclude-dir={d}" for d in (".venv", "node_modules", "build", "cdk.out", ".git"))
         hits = a.exec(f"grep -rlsF {skip} -f <({split(secret)}) {data_dir} /tmp /var/tmp /dev/shm {ROOT}/.data; true",
-                      timeout_s=20)
+                      timeout_s=20, streams="merged")
         assert not hits["timed_out"] and hits["output"] == "", f"{name} secret readable in {hits['output']}"
     denied = a.exec(f"cat {data_dir}/secrets.json; ls {data_dir}/logs")
-    assert "Permission denied" in denied["output"] and denied["exit_code"] != 0
+    assert "Permission denied" in denied["stderr"] and denied["exit_code"] != 0
 
 
 def test_data_stores_refuse_the_shell(stack: StackHandle, pair: tuple[User, User]) -> None:
     a, _ = pair
     rd = urlsplit(stack.stack.env["TMUXI_REDIS_URL"])
     port = stack.stack.redis.port
-    tcp = a.exec(f"redis-cli -p {port} --no-auth-warning set session:x owned; redis-cli -p {port} keys '*'")
+    tcp = a.exec(f"redis-cli -p {port} --no-auth-warning set session:x owned; redis-cli -p {port} keys '*'",
+                 streams="merged")
     assert "NOAUTH" in tcp["output"] and "owned" not in tcp["output"]
-    sock = a.exec(f"redis-cli -s {rd.path} ping")
+    sock = a.exec(f"redis-cli -s {rd.path} ping", streams="merged")
     assert "PONG" not in sock["output"]
     db = urlsplit(stack.stack.env["TMUXI_DATABASE_URL"])
     host = parse_qs(db.query).get("host", [db.hostname or ""])[0]
     pg = a.exec(f"psql -w 'host={host} user=postgres dbname=postgres' -c 'select 1'; "
-                "psql -w 'host=127.0.0.1 user=postgres dbname=postgres' -c 'select 1'")
+                "psql -w 'host=127.0.0.1 user=postgres dbname=postgres' -c 'select 1'", streams="merged")
     assert pg["exit_code"] != 0 and "(1 row)" not in pg["output"]
 
 
@@ -175,7 +176,7 @@ def test_a_forged_cache_entry_or_host_address_grants_nothing(stack: StackHandle,
     host_id = b.session()["host_id"]
     r.set(f"host:{host_id}", json.dumps({"url": f"http://127.0.0.1:{trap.getsockname()[1]}"}), ex=60)
     r.delete(f"session:{b.sid}")
-    assert b.exec("echo still-mine")["output"] == "still-mine\n"
+    assert b.exec("echo still-mine")["stdout"] == "still-mine\n"
     trap.close()
     t.join(5)
     assert got == []
@@ -186,19 +187,20 @@ def test_another_users_tmux_server_is_out_of_reach(pair: tuple[User, User]) -> N
     a, b = pair
     b_sock = b.host_dir() / f"a{b.account()}" / "tmux"
     out = a.exec(f"ls {b.host_dir()}; S=${{TMUX%%,*}}; echo own=$S; tmux -S {b_sock} list-sessions; "
-                 f"tmux -S {b_sock} capture-pane -p; tmux -S {b_sock} kill-server; ls -la {b_sock.parent}")
+                 f"tmux -S {b_sock} capture-pane -p; tmux -S {b_sock} kill-server; ls -la {b_sock.parent}",
+                 streams="merged")
     text = out["output"]
     assert f"own={a.host_dir()}/a{a.account()}/tmux" in text
     assert text.count("Permission denied") >= 4 and str(b.sid).replace("-", "") not in text
     # a server-wide hook and options on A's own server reach nobody else
     hook = a.exec("tmux set-hook -g session-created 'run-shell \"touch /tmp/hooked-$(id -u)\"' && "
                   "tmux set -g status-left PWNED && tmux set-hook -g after-send-keys 'run-shell \"echo x\"' && echo ok")
-    assert hook["output"] == "ok\n"
+    assert hook["stdout"] == "ok\n"
     other = b.create()
-    assert b.exec("echo fine", sid=other)["output"] == "fine\n"
+    assert b.exec("echo fine", sid=other)["stdout"] == "fine\n"
     assert not list(Path("/tmp").glob("hooked-*"))
-    assert b.exec("tmux show -gv status-left")["output"].strip() != "PWNED"
-    assert b.exec("echo alive")["output"] == "alive\n"
+    assert b.exec("tmux show -gv status-left")["stdout"].strip() != "PWNED"
+    assert b.exec("echo alive")["stdout"] == "alive\n"
 
 
 def test_exchange_files_cannot_be_replaced_and_a_stopped_shell_delays_nobody(stack: StackHandle,
@@ -207,19 +209,19 @@ def test_exchange_files_cannot_be_replaced_and_a_stopped_shell_delays_nobody(sta
     uid = 200_000 + a.account()
     xdir = a.host_dir() / "x" / f"a{a.account()}"
     tried = a.exec(f"ls {xdir}; mkfifo {xdir}/f; ln -s /etc/shadow {xdir}/l; touch {xdir}/t; echo done")
-    assert tried["output"].count("Permission denied") >= 3
+    assert tried["stderr"].count("Permission denied") >= 3
     # A stops a command mid-exec (tmux itself continues a stopped shell; the shell takes a stopped job back to
     # its prompt), then stops its own tmux server: B's work and the host's heartbeat go on
     t0 = time.monotonic()
-    assert a.exec("sh -c 'kill -STOP $$'; echo after", timeout_s=5)["output"].endswith("after\n")
+    assert a.exec("sh -c 'kill -STOP $$'; echo after", timeout_s=5)["stdout"].endswith("after\n")
     assert time.monotonic() - t0 < 5
     spare = a.create(host_id=a.session()["host_id"])  # on the same tmux server as A's first session
     stopped = a.exec("kill -STOP $(tmux display -p '#{pid}') && echo stopped", sid=spare)  # (the shell answers)
-    assert stopped["output"] == "stopped\n"
+    assert stopped["stdout"] == "stopped\n"
     try:
         t0 = time.monotonic()
         for _ in range(5):
-            assert b.exec("echo quick")["output"] == "quick\n"
+            assert b.exec("echo quick")["stdout"] == "quick\n"
             assert stack.client.get(f"/sessions/{b.sid}/screen", headers=b.h).status_code == 200
         assert time.monotonic() - t0 < 3, "another user's stopped processes delayed B"
         t0 = time.monotonic()
@@ -237,7 +239,7 @@ def test_sessions_made_from_a_shell_count_against_that_users_quota_only(stack: S
     host = a.session()["host_id"]
     made = a.exec("for i in $(seq 25); do tmux new -d -s t$(cat /proc/sys/kernel/random/uuid | tr -d -) "
                   "|| exit 1; done; tmux new -d -s mine; echo made")
-    assert made["output"] == "made\n"
+    assert made["stdout"] == "made\n"
     # not adopted: the host's count of its sessions is unchanged, B can still create there
     assert stack.client.get(f"/sessions/{a.sid}", headers=a.h).json()["state"] == "active"
     b.create(host_id=host)
@@ -257,18 +259,19 @@ def test_a_process_storm_stops_at_the_users_limit(stack: StackHandle, pair: tupl
     a, b = pair
     uid = 200_000 + a.account()
     stack.client.post(f"/sessions/{a.sid}/exec", json={"command": "for i in $(seq 2000); do sleep 30 & done",
-                                                        "timeout_s": 8}, headers=a.h)
+                                                        "timeout_s": 8, "on_timeout": "kill"}, headers=a.h)
     assert len(_processes_of(uid)) <= 128  # TMUXI_USER_MAX_PROCESSES in the tests
-    assert b.exec("echo unaffected")["output"] == "unaffected\n"
+    assert b.exec("echo unaffected")["stdout"] == "unaffected\n"
     subprocess.run(["pkill", "-KILL", "-u", str(uid), "sleep"], check=False)
 
 
 def test_a_memory_hog_is_stopped_at_the_users_limit(pair: tuple[User, User]) -> None:
     a, b = pair
-    hog = a.exec("python3 -c 'b = b\"x\" * (3 << 30); print(\"allocated\")'; echo rc=$?", timeout_s=20)
+    hog = a.exec("python3 -c 'b = b\"x\" * (3 << 30); print(\"allocated\")'; echo rc=$?", timeout_s=20,
+                 streams="merged")
     assert "allocated" not in hog["output"] and "rc=0" not in hog["output"]
-    assert b.exec("echo unaffected")["output"] == "unaffected\n"
-    assert a.exec("echo survived")["output"] == "survived\n"  # the hog died, not the shell
+    assert b.exec("echo unaffected")["stdout"] == "unaffected\n"
+    assert a.exec("echo survived")["stdout"] == "survived\n"  # the hog died, not the shell
 
 
 def test_disk_writers_stop_at_their_caps(stack: StackHandle, pair: tuple[User, User]) -> None:
@@ -277,12 +280,12 @@ def test_disk_writers_stop_at_their_caps(stack: StackHandle, pair: tuple[User, U
     bg = a.exec("(head -c 2G /dev/zero; sleep 25) & disown; echo started")
     assert bg["exit_code"] == 0 and time.monotonic() - t0 < 15
     # once the exec is over its output has nowhere to go: the writer got SIGPIPE, no file grows anywhere
-    wait_for(lambda: "head -c 2G" not in a.exec("ps -u $(id -u) -o args")["output"], timeout=10,
+    wait_for(lambda: "head -c 2G" not in a.exec("ps -u $(id -u) -o args")["stdout"], timeout=10,
              what="the background writer to end")
     big = a.exec("head -c 2G /dev/zero > ~/big; echo rc=$?; stat -c %s ~/big; rm -f ~/big", timeout_s=20)
-    lines = big["output"].split()
+    lines = big["stdout"].split()
     assert "rc=153" in lines and int(lines[-1]) == 64 << 20  # SIGXFSZ at TMUXI_USER_MAX_FILE_MB (tests: 64)
-    assert b.exec("echo unaffected")["output"] == "unaffected\n"
+    assert b.exec("echo unaffected")["stdout"] == "unaffected\n"
 
 
 def test_input_a_program_does_not_read_is_bounded(stack: StackHandle, pair: tuple[User, User]) -> None:

@@ -99,7 +99,7 @@ async def test_a_host_told_to_go_drains_then_records_what_is_left_lost(stack: St
             await late.ws.close()
         # the sessions it holds are still served: a command runs, a delete goes through
         r = stack.client.post(f"/sessions/{kept['id']}/exec", json={"command": "echo still-$((6*7))"}, headers=h)
-        assert r.status_code == 200 and r.json()["output"] == "still-42\n", r.text
+        assert r.status_code == 200 and r.json()["stdout"] == "still-42\n", r.text
         assert stack.client.delete(f"/sessions/{deleted['id']}", headers=h).status_code == 204
         assert time.monotonic() - stopped_at < DRAIN_S, "too slow to show anything about the drain; raise DRAIN_S"
 

@@ -36,7 +36,7 @@ def _exec(stack: StackHandle, h: dict[str, str], sid: str, cmd: str) -> httpx.Re
 def test_service_keeps_answering_with_redis_stopped(stack: StackHandle) -> None:
     _, h = stack.new_user()
     sid = _create(stack, h)["id"]
-    assert _exec(stack, h, sid, "echo before").json()["output"] == "before\n"
+    assert _exec(stack, h, sid, "echo before").json()["stdout"] == "before\n"
     revoked_user, rh = stack.new_user()
     assert stack.client.post("/auth/revoke", headers=rh).status_code in (200, 204)
     redis = stack.stack.redis
@@ -45,7 +45,7 @@ def test_service_keeps_answering_with_redis_stopped(stack: StackHandle) -> None:
         t0 = time.monotonic()
         assert stack.client.get(f"/sessions/{sid}", headers=h).json()["state"] == "active"
         r = _exec(stack, h, sid, "echo during")
-        assert r.status_code == 200 and r.json()["output"] == "during\n"
+        assert r.status_code == 200 and r.json()["stdout"] == "during\n"
         sid2 = _create(stack, h)["id"]
         listed = {s["id"] for s in stack.client.get("/sessions", headers=h).json()["sessions"]}
         assert {sid, sid2} <= listed
@@ -58,7 +58,7 @@ def test_service_keeps_answering_with_redis_stopped(stack: StackHandle) -> None:
         redis.start()
     _wait(lambda: stack.client.get("/health").json()["status"] == "ok", what="health ok after Redis returns")
     assert stack.client.get(f"/sessions/{sid2}", headers=h).json()["state"] == "deleted"  # not a stale cache entry
-    assert _exec(stack, h, sid, "echo after").json()["output"] == "after\n"
+    assert _exec(stack, h, sid, "echo after").json()["stdout"] == "after\n"
     assert stack.client.get("/sessions", headers=rh).status_code == 401
 
 
@@ -81,7 +81,7 @@ def test_sessions_survive_a_host_restart(stack: StackHandle) -> None:
     finally:
         stack.stack.start_host(host_id)
     r = _wait(lambda: (x := _exec(stack, h, sid, 'echo "$KEPT $PWD"')).status_code == 200 and x, what="adoption")
-    assert r.json()["output"] == "across-restart /tmp\n"
+    assert r.json()["stdout"] == "across-restart /tmp\n"
 
 
 def test_a_tmux_session_lost_while_its_host_was_down_is_marked_lost(stack: StackHandle) -> None:

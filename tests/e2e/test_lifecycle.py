@@ -208,7 +208,7 @@ def test_a_host_silent_only_because_postgresql_was_down_is_not_dead(stack: Stack
     counts = sessions_service.reconcile()
     assert counts["lost"] == 0, counts
     assert _get(stack, h, sid)["state"] == "active"
-    assert _exec(stack, h, sid, "echo alive").json()["output"] == "alive\n"
+    assert _exec(stack, h, sid, "echo alive").json()["stdout"] == "alive\n"
 
 
 def test_a_killed_tmux_server_marks_its_sessions_lost(stack: StackHandle) -> None:
@@ -251,7 +251,7 @@ def test_a_killed_tmux_server_marks_its_sessions_lost(stack: StackHandle) -> Non
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (PID 1 may not reap)
     # the user's next session works, on a new server
     c = _create(stack, h)
-    assert _exec(stack, h, c["id"], "echo fine").json()["output"] == "fine\n"
+    assert _exec(stack, h, c["id"], "echo fine").json()["stdout"] == "fine\n"
 
 
 def test_reconcile_runs_as_a_scheduled_lambda(stack: StackHandle) -> None:

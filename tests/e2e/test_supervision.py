@@ -106,7 +106,7 @@ def test_a_killed_gateway_and_a_killed_host_are_restarted(deps: Deps) -> None:
         host.kill()
         r = _until(lambda: (x := run_in_session('echo "$KEPT $PWD"')).status_code == 200 and x, 30,
                    "the session to answer through a restarted host", run.log)
-        assert r.json()["output"] == "across-restart /tmp\n"
+        assert r.json()["stdout"] == "across-restart /tmp\n"
         new_host = _new_child(run, "tmux_host", host.pid)
         assert new_host is not None
         # (the session may answer a moment before the supervisor has seen the new host listening and said so)

@@ -284,7 +284,7 @@ async def test_a_hostile_shell_cannot_reach_another_users_viewers(stack: StackHa
     r = stack.client.post(f"/sessions/{attacker_sid}/exec", headers=attacker_h,
                           json={"command": f"python3 - <<'PY'\n{script}PY", "timeout_s": 15})
     assert r.status_code == 200, r.text
-    out = r.json()["output"]
+    out = r.json()["stdout"]
     assert "mgmt 403" in out and out.count("host 401") == len(hosts), out
     # the victim saw none of it, and still works
     await victim.send(action="input", data="echo fine-$((4*4))\r")
@@ -295,7 +295,7 @@ async def test_a_hostile_shell_cannot_reach_another_users_viewers(stack: StackHa
     await watcher.next("snapshot")
     r = stack.client.post(f"/sessions/{attacker_sid}/exec", headers=attacker_h,
                           json={"command": "pkill -f -- '-s _out' ; echo killed", "timeout_s": 10})
-    assert r.status_code == 200 and "killed" in r.json()["output"], r.text
+    assert r.status_code == 200 and "killed" in r.json()["stdout"], r.text
     await watcher.next("snapshot", timeout=15)  # resynced once the host restarted it
     await watcher.send(action="input", data="echo back-$((5*5))\r")
     await watcher.wait_text(b"back-25")

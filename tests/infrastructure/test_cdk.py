@@ -24,7 +24,7 @@ from cdk.config import CONTEXT_KEY, EnvConfig, load
 from cdk.host import DOCKER_DEFAULT_CAPABILITIES, STOP_MARGIN_S
 from cdk.monitoring import RULES
 from cdk.names import FUNCTIONS, SNAPSTART_FUNCTIONS
-from layers.build import function_names
+from layers.build import OWN_LAYERS, function_names
 from tmux_host.accounts import HOST_CAPABILITIES
 from tmuxi.routes import GATEWAY_RESPONSES, ROUTES, WS_CONNECTION_HEADER, WS_ROUTES
 from tmuxi.schedules import SCHEDULES
@@ -228,13 +228,21 @@ def test_rest_api_has_every_route_with_the_authorizer_on_protected_ones(env: tup
     methods = resources(t, "AWS::ApiGateway::Method")
     by_operation = {m["OperationName"]: m for m in methods.values() if "OperationName" in m}
     assert set(by_operation) == {r.name for r in ROUTES}
+    aliases = {name: lid for lid, a in resources(t, "AWS::Lambda::Alias").items() for name in ("api", "mcp")
+               if f"Functions{name}Function" in dumps(a["FunctionName"])}
     for route in ROUTES:
         m = by_operation[route.name]
         assert m["HttpMethod"] == route.method
         assert m["AuthorizationType"] == ("CUSTOM" if route.protected else "NONE"), route
         assert m["Integration"]["Type"] == "AWS_PROXY"
-        # API Gateway invokes the alias (a published version: SnapStart)
+        # API Gateway invokes the alias (a published version: SnapStart) of the route's function
         assert ":live/invocations" in dumps(m["Integration"]["Uri"]) or "Alias" in dumps(m["Integration"]["Uri"])
+        assert aliases[route.function] in dumps(m["Integration"]["Uri"]), route
+    # the mcp function calls the stage's URL, built from the API's id (its URL attribute would be a cycle)
+    (mcp,) = [f for f in _functions(t).values() if f["Handler"] == "functions.mcp.handler.handler"]
+    api_url = dumps(mcp["Environment"]["Variables"][env_name("api_url")])
+    (rest_id,) = resources(t, "AWS::ApiGateway::RestApi")
+    assert f'"Ref": "{rest_id}"' in api_url and ".execute-api." in api_url and api_url.endswith('/v1"]]}')
     authorizer = one(t, "AWS::ApiGateway::Authorizer")
     assert authorizer["Type"] == "REQUEST" and authorizer["IdentitySource"] == "method.request.header.Authorization"
     responses = {r["ResponseType"]: r for r in resources(t, "AWS::ApiGateway::GatewayResponse").values()}
@@ -285,10 +293,17 @@ def test_functions_run_python312_arm64_with_the_layer_and_snapstart_on_the_reque
     fns = _functions(t)
     handlers = {f["Handler"].split(".")[1]: f for f in fns.values()}
     assert set(handlers) == set(FUNCTIONS) == set(function_names())  # every functions/*/handler.py is deployed
-    (layer_id,) = resources(t, "AWS::Lambda::LayerVersion")
+    layers = resources(t, "AWS::Lambda::LayerVersion")
+    assert len(layers) == 1 + len(OWN_LAYERS)
+    (core,) = [lid for lid in layers if lid.startswith("FunctionsCore")]
+    assert len({dumps(layer["Content"]) for layer in layers.values()}) == len(layers)  # each built on its own
     for name, f in handlers.items():
         assert f["Runtime"] == "python3.12" and f["Architectures"] == ["arm64"], name
-        assert f["Layers"] == [{"Ref": layer_id}], name
+        (layer,) = f["Layers"]
+        if name in OWN_LAYERS:  # its own layer in place of the core one (layers/build.py)
+            assert layer["Ref"] != core and layer["Ref"].startswith(f"Functions{name}Layer"), name
+        else:
+            assert layer == {"Ref": core}, name
         assert f["TracingConfig"] == {"Mode": "Active"}
         assert ("SnapStart" in f) is (name in SNAPSTART_FUNCTIONS), name
         if name in SNAPSTART_FUNCTIONS:
@@ -335,7 +350,8 @@ def test_each_role_reads_only_the_secrets_it_needs_and_the_hosts_never_the_jwt_k
 
     expected = {"api": {"db", "redis", "host", "jwt"}, "authorizer": {"db", "redis", "jwt"},
                 "ws": {"db", "redis", "host", "jwt"}, "maintenance": {"db", "redis", "host", "jwt"},
-                "alerts": {"db", "webhook"}, "migrate": {"db"}, "host": {"db", "redis", "host"}}
+                "alerts": {"db", "webhook"}, "migrate": {"db"}, "host": {"db", "redis", "host"},
+                "mcp": set()}  # it calls the REST API with its caller's token, and reads nothing else
     task = one(t, "AWS::ECS::TaskDefinition")
     roles = {f["Handler"].split(".")[1]: f["Role"]["Fn::GetAtt"][0] for f in _functions(t).values()}
     roles["host"] = task["TaskRoleArn"]["Fn::GetAtt"][0]

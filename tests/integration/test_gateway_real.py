@@ -107,7 +107,7 @@ async def test_work_in_a_session_through_the_gateway(gw: LocalGateway, user: dic
                          headers=user)
         screen = await c.get(f"/sessions/{session}/screen", params={"history": "50"}, headers=user)
     assert r.status_code == 200, r.text
-    assert r.json()["exit_code"] == 0 and "gw-5" in r.json()["output"]
+    assert r.json()["exit_code"] == 0 and "gw-5" in r.json()["stdout"]
     assert screen.status_code == 200 and screen.json()["escapes"] is False
 
 

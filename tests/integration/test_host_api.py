@@ -19,6 +19,7 @@ from tests.hosting import SECRET, free_port, temp_host, wait_for
 from tmux_host.control import tmux_binary
 from tmuxi import errors
 from tmuxi.host_client import HostClient
+from tmuxi.models import ExecRequest
 from tmuxi.settings import Settings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
@@ -122,7 +123,7 @@ def test_input_is_literal(client: HostClient, session: uuid.UUID, host: tuple[Ho
     assert not Path("/tmp/pwned").exists()
     # metacharacters inside exec too: the command is run by the shell, never parsed by tmux
     r = client.exec(session, "printf '%s|' '#{session_name}' 'a;b' \"$((6*7))\"; echo", 10)
-    assert r.exit_code == 0 and r.output == "#{session_name}|a;b|42|\n"
+    assert r.exit_code == 0 and r.stdout == "#{session_name}|a;b|42|\n"
     with pytest.raises(errors.BadRequest):
         client.send_input(session, keys=["C-c", "kill-server"])
 
@@ -155,29 +156,32 @@ def test_screen_plain_escapes_history_resize(client: HostClient, session: uuid.U
 def test_exec(client: HostClient, session: uuid.UUID) -> None:
     r = client.exec(session, "echo out; echo err >&2; (exit 3)", 10)
     assert (r.exit_code, r.timed_out, r.truncated) == (3, False, False)
-    assert r.output == "out\nerr\n" and r.duration_ms > 0
+    assert (r.stdout, r.stderr, r.output) == ("out\n", "err\n", None) and r.duration_ms > 0
     assert client.exec(session, "false", 10).exit_code == 1
     # state is the session's own shell: cd and variables persist between execs
     client.exec(session, "cd /tmp && export TMUXI_T=42", 10)
     r = client.exec(session, 'pwd; echo "$TMUXI_T $TMUXI_SESSION_ID"', 10)
-    assert r.output == f"/tmp\n42 {session}\n"
+    assert r.stdout == f"/tmp\n42 {session}\n"
     multi = client.exec(session, "for i in 1 2 3; do\n  echo line$i\ndone", 10)
-    assert multi.output == "line1\nline2\nline3\n" and multi.exit_code == 0
+    assert multi.stdout == "line1\nline2\nline3\n" and multi.exit_code == 0
 
 
 def test_exec_output_truncated(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
     limit = host[1].exec_max_output_bytes
     r = client.exec(session, f"head -c {limit + 100} /dev/zero | tr '\\0' a", 20)
-    assert r.truncated and len(r.output) == limit and r.exit_code == 0
+    assert r.truncated and r.exit_code == 0 and r.stdout_bytes == limit + 100
+    # the first and last halves are kept, the 100 bytes between them counted in a marker
+    assert r.stdout == "a" * (limit // 2) + f"\n[tmuxi: 100 bytes omitted; {limit + 100} in all]\n" + \
+        "a" * (limit - limit // 2)
 
 
 def test_exec_timeout_then_usable(client: HostClient, session: uuid.UUID) -> None:
     t = time.monotonic()
-    r = client.exec(session, "echo started; sleep 1000", 0.5)
-    assert r.timed_out and r.exit_code is None and r.output == "started\n"
+    r = client.exec(session, ExecRequest(command="echo started; sleep 1000", timeout_s=0.5, on_timeout="kill"))
+    assert r.timed_out and not r.running and r.exit_code == 130 and r.stdout == "started\n"  # Ctrl-C ended it
     assert time.monotonic() - t < 5
     after = client.exec(session, "echo ok", 10)
-    assert after.exit_code == 0 and after.output == "ok\n" and not after.timed_out
+    assert after.exit_code == 0 and after.stdout == "ok\n" and not after.timed_out
 
 
 def test_busy_pane_is_409(client: HostClient, session: uuid.UUID, host: tuple[HostClient, Settings]) -> None:
@@ -189,7 +193,7 @@ def test_busy_pane_is_409(client: HostClient, session: uuid.UUID, host: tuple[Ho
     with pytest.raises(errors.SessionBusy):
         client.exec(session, "echo hi", 5)
     client.send_input(session, keys=["C-c"])
-    wait_for(lambda: client.exec(session, "echo back", 5).output == "back\n", what="exec after C-c")
+    wait_for(lambda: client.exec(session, "echo back", 5).stdout == "back\n", what="exec after C-c")
 
 
 def test_secret_required(host: tuple[HostClient, Settings]) -> None:
@@ -237,7 +241,7 @@ def test_control_client_death_is_repaired(client: HostClient, session: uuid.UUID
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
     # the supervisor (or the next call) reconnects; the session and its shell are untouched
-    wait_for(lambda: client.exec(session, "echo healed", 5).output == "healed\n", what="exec after reconnect")
+    wait_for(lambda: client.exec(session, "echo healed", 5).stdout == "healed\n", what="exec after reconnect")
     assert client.health()["status"] == "ok"
     assert str(session) in {s["session_id"] for s in client.list_sessions()}
 
@@ -266,14 +270,14 @@ def test_exec_ended_by_ctrl_c_answers_130_at_once(client: HostClient, session: u
     assert got, "the exec did not answer"
     r = got[0]
     assert (r.exit_code, r.timed_out, r.session_ended) == (130, False, False), r
-    assert r.output == "started\n" and time.monotonic() - t0 < 10
+    assert r.stdout == "started\n" and time.monotonic() - t0 < 10
     assert_no_exit_trap(client, session)
 
 
 def assert_no_exit_trap(client: HostClient, sid: uuid.UUID) -> None:
     """No EXIT trap of an exec is left in the shell (asked outside an exec, which sets its own)."""
     client.send_input(sid, data=b"trap -p EXIT >~/traps; echo checked >>~/traps\r")
-    wait_for(lambda: client.exec(sid, "cat ~/traps", 5).output == "checked\n", what="no EXIT trap left")
+    wait_for(lambda: client.exec(sid, "cat ~/traps", 5).stdout == "checked\n", what="no EXIT trap left")
 
 
 def test_exec_that_ends_the_shell_answers_its_output_and_status(client: HostClient) -> None:
@@ -283,7 +287,7 @@ def test_exec_that_ends_the_shell_answers_its_output_and_status(client: HostClie
         client.create_session(sid, 77, 80, 24)
         r = client.exec(sid, command, 10)
         assert r.session_ended and not r.timed_out and r.exit_code == code, (command, r)
-        assert r.output.split("\n")[0] in ("bye", "before", "gone")
+        assert r.stdout.split("\n")[0] in ("bye", "before", "gone")
         wait_for(lambda sid=sid: str(sid) not in {s["session_id"] for s in client.list_sessions()},  # type: ignore[misc]
                  what="the session to be gone")
 
@@ -291,10 +295,12 @@ def test_exec_that_ends_the_shell_answers_its_output_and_status(client: HostClie
 def test_exec_timeout_escalates_to_sigterm_and_sigkill(client: HostClient, session: uuid.UUID) -> None:
     for ignores, least in (("INT", 1.0), ("INT TERM", 2.0)):
         t0 = time.monotonic()
-        r = client.exec(session, f"echo go; sh -c 'trap \"\" {ignores}; exec sleep 60'", 0.5)
+        r = client.exec(session, ExecRequest(command=f"echo go; sh -c 'trap \"\" {ignores}; exec sleep 60'",
+                                             timeout_s=0.5, on_timeout="kill"))
         took = time.monotonic() - t0
-        assert r.timed_out and r.exit_code is None and r.output.startswith("go\n"), r
+        assert r.timed_out and not r.running and r.stdout.startswith("go\n"), r
+        assert r.exit_code == (143 if ignores == "INT" else 137), r  # SIGTERM ended it, or SIGKILL
         assert least <= took < least + 3, took  # SIGINT ignored: SIGTERM after 1 s; also ignored: SIGKILL 1 s later
         after = client.exec(session, "ps -o args= -s $$ | grep -c '[s]leep 60'", 5)
-        assert after.output == "0\n" and after.exit_code == 1  # nothing left running
+        assert after.stdout == "0\n" and after.exit_code == 1  # nothing left running
         assert_no_exit_trap(client, session)

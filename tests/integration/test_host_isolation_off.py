@@ -25,7 +25,7 @@ async def test_isolation_off_works_and_says_so() -> None:
         sid = uuid.uuid4()
         await engine.create_session(sid, 3, 80, 24)
         r = await engine.exec(sid, "id -u", 10)
-        assert r.exit_code == 0 and r.output == f"{os.getuid()}\n"
+        assert r.exit_code == 0 and r.stdout == f"{os.getuid()}\n"
     finally:
         await engine.stop(kill_servers=True)
         shutil.rmtree(d, ignore_errors=True)

@@ -50,7 +50,7 @@ def test_sessions_survive_host_sigkill() -> None:
         client.create_session(sid, 7, 80, 24)
         client.exec(sid, "cd /tmp && export KEEP=kept-value", 10)
         # the host's environment (its secret!) never reaches a user's shell: tmux gets a scrubbed env
-        env_out = client.exec(sid, "env", 10).output
+        env_out = client.exec(sid, "env", 10).stdout
         assert SECRET not in env_out and "TMUXI_HOST" not in env_out and f"TMUXI_SESSION_ID={sid}" in env_out
         client.send_input(sid, data=b"echo SCREEN-MARKER\n")
         wait_for(lambda: "SCREEN-MARKER\n" in client.screen(sid).text, what="marker")
@@ -67,7 +67,7 @@ def test_sessions_survive_host_sigkill() -> None:
         assert [s["session_id"] for s in listed] == [str(sid)]
         assert "SCREEN-MARKER" in client.screen(sid).text
         r = client.exec(sid, 'echo "$(pwd) $KEEP $(id -u)"', 10)
-        assert r.exit_code == 0 and r.output == f"/tmp kept-value {settings.account_uid_base + 7}\n"
+        assert r.exit_code == 0 and r.stdout == f"/tmp kept-value {settings.account_uid_base + 7}\n"
         # the adopted session is fully manageable
         client.kill_session(sid)
         assert client.list_sessions() == []
@@ -126,7 +126,7 @@ def test_restart_adopts_reconciles_orphans_and_heartbeats() -> None:
             client.create_session(orphan, 2, 80, 24)
             # account 2 makes, from its shell, a session named like account 1's (to be adopted in its place)
             made = client.exec(orphan, f"tmux new-session -d -s t{keep.hex} && tmux new -d -s mine && echo ok", 10)
-            assert made.output == "ok\n"
+            assert made.stdout == "ok\n"
         close_all()
         registry = RecordingRegistry({keep: 1, forged: 3})
         with host_in_thread(settings, registry=registry) as url:

@@ -156,7 +156,7 @@ def test_the_edges_request_id_reaches_the_host_and_comes_back(stack: StackHandle
     assert created.status_code == 201, created.text
     sid, host_id = created.json()["id"], created.json()["host_id"]
     r = stack.client.post(f"/sessions/{sid}/exec", json={"command": "echo rid", "timeout_s": 10}, headers=user)
-    assert r.status_code == 200 and r.json()["output"] == "rid\n", r.text
+    assert r.status_code == 200 and r.json()["stdout"] == "rid\n", r.text
     rid = r.headers["x-amzn-requestid"]  # as API Gateway returns it
     refused = stack.client.get("/validate", headers={"authorization": "Bearer a.b.c"})
     assert refused.status_code == 401
@@ -256,7 +256,7 @@ def test_the_host_serves_requests_at_once_each_under_its_own_id(host: tuple[str,
 
     def run(sid: uuid.UUID) -> str:
         with request_context(ids[sid]):  # what the API binds; the host client sends it
-            output: str = client.exec(sid, f"sleep 0.3; echo {sid.hex}", 10).output
+            output: str = client.exec(sid, f"sleep 0.3; echo {sid.hex}", 10).stdout
             return output
 
     with captured() as cap, ThreadPoolExecutor(len(sids)) as pool:
@@ -325,5 +325,5 @@ def test_an_engine_warning_during_a_request_carries_its_id_and_nothing_keeps_it_
     assert warned and warned[0]["correlation_id"] == "rid-list", cap.lines(HOST_THREAD)
     # the supervisor was started by the create request, and logs after it (and outside any request): no id
     assert "correlation_id" not in lost[0], lost
-    wait_for(lambda: client.exec(sid, "echo back", 5).output == "back\n", timeout=20, what="the server back")
+    wait_for(lambda: client.exec(sid, "echo back", 5).stdout == "back\n", timeout=20, what="the server back")
     client.kill_session(sid)

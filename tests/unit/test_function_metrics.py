@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,12 @@ from tmuxi.events import load_event
 from tmuxi.observability import EMF_METRIC_NAMES, logger
 
 ALLOWED_DIMENSIONS = {"service", "environment", "component"}
+# CloudWatch's units (MetricDatum.Unit), the values an EMF MetricDefinition's Unit may take
+CLOUDWATCH_UNITS = {
+    "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes", "Megabytes", "Gigabytes", "Terabytes", "Bits",
+    "Kilobits", "Megabits", "Gigabits", "Terabits", "Percent", "Count", "Bytes/Second", "Kilobytes/Second",
+    "Megabytes/Second", "Gigabytes/Second", "Terabytes/Second", "Bits/Second", "Kilobits/Second", "Megabits/Second",
+    "Gigabits/Second", "Terabits/Second", "Count/Second", "None"}
 
 
 class _Lines(logging.Handler):
@@ -43,12 +50,49 @@ def logged() -> Iterator[list[dict[str, Any]]]:
 
 
 def _documents(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
-    """The EMF documents printed on stdout (Powertools prints them)."""
+    """The EMF documents printed on stdout, one a line."""
     out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     return [d for d in out if "_aws" in d]
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_emf_shape(doc: dict[str, Any]) -> None:
+    """The document as CloudWatch's embedded metric format specification defines it: a root ``_aws`` metadata
+    object with a Timestamp in milliseconds since the epoch and an array of MetricDirectives (a Namespace, arrays of
+    dimension keys -- at most 30 each, each a root member holding a string -- and at most 100 MetricDefinitions
+    with a Name and an optional CloudWatch unit), and for every metric a root member holding a number or an array
+    of at most 100 numbers. A document CloudWatch Logs cannot extract is kept as a log line, silently."""
+    assert set(doc["_aws"]) == {"Timestamp", "CloudWatchMetrics"}
+    timestamp = doc["_aws"]["Timestamp"]
+    assert isinstance(timestamp, int) and not isinstance(timestamp, bool)
+    assert abs(timestamp - time.time() * 1000) < 60_000, timestamp  # milliseconds, now (not seconds)
+    directives = doc["_aws"]["CloudWatchMetrics"]
+    assert isinstance(directives, list) and directives
+    for directive in directives:
+        assert set(directive) <= {"Namespace", "Dimensions", "Metrics"}
+        assert isinstance(directive["Namespace"], str) and 0 < len(directive["Namespace"].strip()) <= 1024
+        assert isinstance(directive["Dimensions"], list)
+        for dimension_set in directive["Dimensions"]:
+            assert isinstance(dimension_set, list) and 0 < len(dimension_set) <= 30
+            for key in dimension_set:
+                assert isinstance(doc.get(key), str) and 0 < len(doc[key]) <= 1024, (key, doc.get(key))
+        metrics = directive["Metrics"]
+        assert isinstance(metrics, list) and 0 < len(metrics) <= 100
+        for metric in metrics:
+            assert set(metric) <= {"Name", "Unit", "StorageResolution"}
+            assert isinstance(metric["Name"], str) and 0 < len(metric["Name"]) <= 1024
+            assert metric.get("Unit", "None") in CLOUDWATCH_UNITS
+            assert metric.get("StorageResolution", 60) in (1, 60)
+            value = doc[metric["Name"]]
+            assert _is_number(value) or (isinstance(value, list) and 0 < len(value) <= 100
+                                         and all(_is_number(v) for v in value)), (metric["Name"], value)
+
+
 def _check_document(doc: dict[str, Any], component: str, request_id: str) -> dict[str, Any]:
+    _check_emf_shape(doc)
     (directive,) = doc["_aws"]["CloudWatchMetrics"]
     assert directive["Namespace"] == METRICS_NAMESPACE == "Tmuxi"
     assert [m["Name"] for m in directive["Metrics"]] == list(EMF_METRIC_NAMES)

@@ -25,6 +25,7 @@ from tmuxi.models import (
     ExecRequest,
     ExecResult,
     InputRequest,
+    InputWaitResult,
     Principal,
     ResizeRequest,
     ScreenResponse,
@@ -288,7 +289,8 @@ def reconcile(s: Settings | None = None) -> dict[str, int]:
     return counts
 
 
-def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
+def send_input(p: Principal, session_id: UUID, body: InputRequest) -> InputWaitResult | None:
+    """Type the input; with ``wait``, then wait (for the prompt, for quiet, for a pattern) and answer the screen."""
     limit = get_settings().max_input_bytes
     data: bytes | None = None
     if body.text is not None:
@@ -309,9 +311,15 @@ def send_input(p: Principal, session_id: UUID, body: InputRequest) -> None:
     if body.keys is not None and body.enter:
         keys.append("Enter")
     row, host = _active(p, session_id)
-    on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
+    wait = body.wait
+    result = None
+    if wait is None:
+        on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
+    else:
+        result = on_host(row, lambda: host.send_and_wait(session_id, data, keys or None, wait))
     _after(repo.record_activity, session_id, p.user_id, "session.input",
            {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
+    return result
 
 
 def _after(write: Callable[..., object], *args: Any) -> None:
@@ -343,14 +351,18 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
     if body.timeout_s is not None and body.timeout_s > s.exec_timeout_max_s:
         raise InvalidField("body.timeout_s", f"must be at most {s.exec_timeout_max_s:g} (this deployment's "
                                              "TMUXI_EXEC_TIMEOUT_MAX_S)")
-    timeout = min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)
+    if body.max_output_bytes is not None and body.max_output_bytes > s.exec_max_output_bytes:
+        raise InvalidField("body.max_output_bytes", f"must be at most {s.exec_max_output_bytes} (this deployment's "
+                                                    "TMUXI_EXEC_MAX_OUTPUT_BYTES)")
+    req = body.model_copy(update={"timeout_s": min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)})
     row, host = _active(p, session_id)
-    result = on_host(row, lambda: host.exec(session_id, body.command, timeout))
+    result = on_host(row, lambda: host.exec(session_id, req))
     # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
     # too; whichever comes first records it.
     if result.session_ended:
         _after(repo.end_session, session_id, p.user_id, "exited", "its shell exited during an exec")
         cache.invalidate_session(str(session_id))
     _after(repo.record_activity, session_id, p.user_id, "session.exec",
-           {"bytes": size, "exit_code": result.exit_code, "timed_out": result.timed_out})
+           {"bytes": size, "exit_code": result.exit_code, "running": result.running, "exec_id": result.exec_id,
+            "background": body.background})
     return result
