@@ -245,7 +245,7 @@ async def exec_command(id: UUID, body: ExecRequest, request: Request) -> Respons
     return _json(sessions_service.exec_command(p, id, body))
 
 
-_EXEC_ID = Path(pattern=r"^[0-9a-f]{16}$", description="from an exec answer")
+_EXEC_ID = Path(pattern=r"^[0-9a-f]{16}\z", description="from an exec answer")
 
 
 @app.get("/sessions/{id}/execs", response_model=ExecList, tags=["execs"], responses=_SESSION)
