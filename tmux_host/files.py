@@ -35,13 +35,19 @@ from uuid import UUID
 
 from tmux_host.accounts import Account, Isolation
 from tmuxi import errors
-from tmuxi.host_client import FileBadPath, FileDenied, FileMissing, FileNoSpace, FileTooLarge
+from tmuxi.host_client import (
+    FileBadPath,
+    FileDenied,
+    FileMissing,
+    FileNoSpace,
+    FileTooLarge,
+    check_path,
+)
 from tmuxi.observability import logger
 
 if TYPE_CHECKING:
     from tmux_host.engine import Engine
 
-MAX_PATH_BYTES = 4096  # PATH_MAX
 MAX_NAME_BYTES = 255  # NAME_MAX
 MAX_ENTRIES = 10_000  # a listing stops there (``truncated``)
 MAX_ENTRY_BYTES = 320  # type, size, mode, mtime and a name of at most NAME_MAX bytes
@@ -109,16 +115,7 @@ class Target:
 def target(home: str, path: str) -> Target:
     """Normalise ``path`` (relative to ``home``, or absolute inside it); 400 for one that leaves the home, is
     empty, holds a NUL, or is longer than the OS takes."""
-    if not path:
-        raise FileBadPath("path is empty")
-    if "\x00" in path:
-        raise FileBadPath("path contains a NUL character")
-    try:
-        size = len(path.encode())
-    except UnicodeEncodeError:
-        raise FileBadPath("path is not valid UTF-8 (a lone surrogate)") from None
-    if size > MAX_PATH_BYTES:
-        raise FileBadPath(f"path is {size} bytes; the longest is {MAX_PATH_BYTES}")
+    check_path(path)
     absolute = posixpath.normpath(posixpath.join(home, path))
     if absolute != home and not absolute.startswith(home.rstrip("/") + "/"):
         raise FileBadPath(f"path {path!r} is outside the home directory")

@@ -73,6 +73,24 @@ class FileBadPath(FileError):
     code = "bad_path"  # leaves the home, NUL, too long; a directory where a file is expected, or the reverse
 
 
+MAX_PATH_BYTES = 4096  # PATH_MAX
+
+
+def check_path(path: str) -> None:
+    """What is refused of a path before anything is looked up (400 ``bad_path``): empty, a NUL, not UTF-8, longer
+    than the OS takes. The API checks it before sending; the host again, then that it stays in the home."""
+    if not path:
+        raise FileBadPath("path is empty")
+    if "\x00" in path:
+        raise FileBadPath("path contains a NUL character")
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:
+        raise FileBadPath("path is not valid UTF-8 (a lone surrogate)") from None
+    if size > MAX_PATH_BYTES:
+        raise FileBadPath(f"path is {size} bytes; the longest is {MAX_PATH_BYTES}")
+
+
 class FileMissing(FileError):
     status = 404
     code = "file_not_found"

@@ -12,13 +12,12 @@ from uuid import UUID
 
 from tmuxi.db import repo
 from tmuxi.errors import BadRequest, PayloadTooLarge
-from tmuxi.host_client import FileBadPath
+from tmuxi.host_client import check_path
 from tmuxi.models import FileContent, FileEntry, FileList, FileWrite, FileWritten, Principal
 from tmuxi.services import sessions as sessions_service
 from tmuxi.services.sessions import on_host
 from tmuxi.settings import get_settings
 
-MAX_PATH_BYTES = 4096  # PATH_MAX; the host checks it too, and that the path stays in the home
 AUDIT_PATH_CHARS = 1024
 # What JSON escaping does to text, twice over (our answer's JSON, then Lambda's response around it as a string,
 # ASCII-only): \n -> \\n (1 byte to 3); a control character -> \\u001b (1 to 7); a non-ASCII character -> \\uXXXX
@@ -27,20 +26,6 @@ _SHORT_ESCAPES = b'\n\r\t\b\f"\\'
 _ALL_ESCAPES = bytes(range(0x20)) + b'"\\'
 _HIGH = bytes(range(0x80, 0x100))
 
-
-def _check_path(path: str) -> None:
-    """What the API can refuse without the host (400 ``bad_path``, nothing sent): an empty path, a NUL, an over-long
-    one."""
-    if not path:
-        raise FileBadPath("path is empty")
-    if "\x00" in path:
-        raise FileBadPath("path contains a NUL character")
-    try:
-        size = len(path.encode())
-    except UnicodeEncodeError:
-        raise FileBadPath("path is not valid UTF-8 (a lone surrogate)") from None
-    if size > MAX_PATH_BYTES:
-        raise FileBadPath(f"path is {size} bytes; the longest is {MAX_PATH_BYTES}")
 
 
 def _content(body: FileWrite, cap: int) -> bytes:
@@ -70,7 +55,7 @@ def _audit_path(path: str) -> str:
 
 def write_file(p: Principal, session_id: UUID, body: FileWrite) -> FileWritten:
     s = get_settings()
-    _check_path(body.path)
+    check_path(body.path)
     data = _content(body, s.max_file_bytes)
     mode = f"{int(body.mode, 8):04o}" if body.mode is not None else None
     row, host = sessions_service._active(p, session_id)
@@ -98,7 +83,7 @@ def read_file(p: Principal, session_id: UUID, path: str,
               encoding: Literal["utf-8", "base64"] | None = None) -> FileContent:
     """``encoding``: None answers UTF-8 text when the bytes are UTF-8 (else base64); "base64" always base64."""
     s = get_settings()
-    _check_path(path)
+    check_path(path)
     row, host = sessions_service._active(p, session_id)
     data, shown, mode = on_host(row, lambda: host.read_file(session_id, path))
     sessions_service._after(repo.record_activity, session_id, p.user_id, "session.file_read",
@@ -110,7 +95,7 @@ def read_file(p: Principal, session_id: UUID, path: str,
 
 
 def list_files(p: Principal, session_id: UUID, path: str = ".") -> FileList:
-    _check_path(path)
+    check_path(path)
     row, host = sessions_service._active(p, session_id)
     out = on_host(row, lambda: host.list_files(session_id, path))
     entries = [FileEntry(name=e["name"], type=e["type"], size=e["size"], mode=e["mode"], mtime=_when(e["mtime"]))
