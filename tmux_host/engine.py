@@ -1099,7 +1099,7 @@ class Engine:
                 rec.foreground = None
             channel.close()
             raise
-        job.task = self._spawn(self._follow(rec, job), f"exec-{xid}")
+        self._spawn(self._follow(rec, job), f"exec-{xid}")
         if background:
             self._shell_ids(rec)
             # the shell is back at its prompt once it has started the job (it says so with the job's pid)

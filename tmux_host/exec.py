@@ -396,10 +396,6 @@ class ExecChannel:
         if self.echo is not None:
             await self.echo.drained(0.5)
 
-    @property
-    def finished_reading(self) -> bool:
-        return all(name in self._eof for name in ("o", "e") if name in self._fds)
-
     # --- the wrapper's waits -------------------------------------------------------------------------
     def ack(self) -> None:
         """Let the wrapper's ``read`` return (its output is on the terminal)."""
@@ -487,7 +483,6 @@ class ExecJob:
         self.killed = False  # stopped because its wait timed out (on_timeout=kill)
         self.prompts = 0  # prompt marks its session had shown when it was typed
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
