@@ -111,6 +111,8 @@ def test_protected_from_the_first_session_to_the_last(agent: FakeEcsAgent, host:
     assert agent.seen() == [ON], "already protected, and a session is still held: no call"
     client.kill_session(second)
     wait_for(lambda: agent.seen() == [ON, OFF], timeout=5, what="protection off with the last session")
+    # the agent records the call as it gets it; the host notes it once the answer is back
+    wait_for(lambda: not client.health()["task_protection"]["enabled"], timeout=5, what="the host noting it")
     assert client.health()["task_protection"] == {"enabled": False, "expires_in_s": None, "failures": 0,
                                                   "last_error": None}
 
