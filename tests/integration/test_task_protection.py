@@ -103,7 +103,8 @@ def test_protected_from_the_first_session_to_the_last(agent: FakeEcsAgent, host:
     first, second = uuid.uuid4(), uuid.uuid4()
     client.create_session(first, 1, 80, 24)
     wait_for(lambda: agent.seen() == [ON], timeout=5, what="protection on with the first session")
-    health = client.health()["task_protection"]
+    health = wait_for(lambda: (h := client.health()["task_protection"])["enabled"] and h, timeout=5,
+                      what="the host noting it")
     assert health["enabled"] is True and PROTECT_MINUTES * 60 - 10 <= health["expires_in_s"] <= PROTECT_MINUTES * 60
     client.create_session(second, 2, 80, 24)
     client.kill_session(first)
