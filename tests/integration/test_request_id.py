@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -311,6 +312,9 @@ def test_an_engine_warning_during_a_request_carries_its_id_and_nothing_keeps_it_
     sock = settings.resolved_socket_dir / settings.host_id / f"a{account}" / "tmux"
     pid = int(subprocess.run([tmux_binary(), "-S", str(sock), "display", "-p", "#{pid}"], capture_output=True,
                              text=True, check=True, timeout=10).stdout)
+    # the refresh tmux's notifications of the new session schedule (20 ms on) is over before the server stops: the
+    # one that meets the stopped server is the request's own
+    time.sleep(0.3)
     with captured() as cap:
         os.kill(pid, signal.SIGSTOP)  # its user can do that: the host gives up on it after control_timeout_s
         try:
