@@ -1005,11 +1005,15 @@ class Engine:
             await asyncio.sleep(0.01)
             state = await self._shell_state(rec)
         if state == "prompt" and not rec.prompted:
+            # Its first prompt drawn (the cursor has left the top left corner; its mark may have come before the
+            # host read the pane's output): typed before, a line is echoed by the terminal, not the line editor.
             until = min(deadline, time.monotonic() + 1.0)
             while rec.prompts == 0 and time.monotonic() < until:
-                rec.output_changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(rec.output_changed.wait(), max(0.0, until - time.monotonic()))
+                (lines,) = await self._run(rec, lambda r: [
+                    f"display-message -p -t {quote(r.pane_id)} 'C#{{cursor_x}} #{{cursor_y}}'"])
+                if _two_ints(lines, "C") != (0, 0):
+                    break
+                await asyncio.sleep(0.005)
             rec.prompted = True
         return state == "prompt"
 

@@ -23,8 +23,8 @@ from tmuxi.settings import env_name
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = {"create_session", "list_sessions", "delete_session", "exec", "exec_poll", "exec_input", "exec_signal",
-         "exec_stop", "send_and_wait", "read_screen", "write_file", "read_file", "list_dir"}
+TOOLS = {"create_session", "list_sessions", "delete_session", "exec", "exec_poll", "list_execs", "exec_input",
+         "exec_signal", "exec_stop", "send_and_wait", "read_screen", "write_file", "read_file", "list_dir"}
 Connect = Callable[[str], AbstractAsyncContextManager[Client]]
 
 
@@ -103,12 +103,10 @@ async def test_tools_create_exec_read_the_screen_and_delete(connect: Connect, to
                 assert "HTTP 4" in await _refused(client, "delete_session", session_id=bad), bad
             ran = await _ok(client, "exec", session_id=sid, command="echo hi; echo $((6 * 7))", timeout_s=10)
             assert ran["exit_code"] == 0
-            out = ran.get("stdout")
-            out = ran["output"] if out is None else out  # (today's exec answers `output`, split streams `stdout`)
-            assert out.splitlines()[-2:] == ["hi", "42"]
+            assert ran["stdout"] == "hi\n42\n" and ran["stderr"] == ""
             screen = await _ok(client, "read_screen", session_id=sid)
             assert (screen["cols"], screen["rows"]) == (session["cols"], session["rows"])
-            assert "$" in screen["text"]  # the shell's prompt
+            assert "echo hi; echo $((6 * 7))" in screen["text"]  # the command, as if typed
             # a refusal carries the REST API's message, which names the field
             assert "timeout_s" in await _refused(client, "exec", session_id=sid, command="true", timeout_s=999)
         finally:
@@ -118,6 +116,36 @@ async def test_tools_create_exec_read_the_screen_and_delete(connect: Connect, to
     # the REST API agrees: the tools did all of it as this user
     r = stack.client.get(f"/sessions/{sid}", headers={"authorization": f"Bearer {token}"})
     assert r.status_code == 200 and r.json()["state"] == "deleted"
+
+
+async def test_long_commands_send_and_wait_and_files_through_the_tools(connect: Connect,
+                                                                      tokens: tuple[str, str]) -> None:
+    token, _ = tokens
+    async with connect(token) as client:
+        sid = (await _ok(client, "create_session", name="mcp-agent"))["id"]
+        try:
+            # a command longer than its wait: polled from its cursor, fed a line, stopped
+            first = await _ok(client, "exec", session_id=sid, command="echo start; read -r x; echo got:$x; sleep 30",
+                              timeout_s=0.5)
+            assert first["running"] and first["stdout"] == "start\n", first
+            xid = first["exec_id"]
+            assert xid in {e["exec_id"] for e in (await _ok(client, "list_execs", session_id=sid))["execs"]}
+            await _ok(client, "exec_input", session_id=sid, exec_id=xid, text="line", enter=True)
+            more = await _ok(client, "exec_poll", session_id=sid, exec_id=xid, cursor=first["cursor"], wait_s=5)
+            assert more["stdout"] == "got:line\n", more  # only what came after the cursor
+            final = await _ok(client, "exec_stop", session_id=sid, exec_id=xid, grace_s=1)
+            assert not final["running"] and final["exit_code"] in (130, 143, 137), final
+            # interactive: type and wait for the prompt, answered with the screen
+            waited = await _ok(client, "send_and_wait", session_id=sid, text="echo mcp-$((40 + 2))", until="prompt")
+            assert waited["matched"] and "mcp-42" in waited["screen"]["text"]
+            # files: written, listed and read back exactly
+            await _ok(client, "write_file", session_id=sid, path="notes/a.txt", content="héllo\n")
+            names = {e["name"] for e in (await _ok(client, "list_dir", session_id=sid, path="notes"))["entries"]}
+            assert names == {"a.txt"}
+            read = await _ok(client, "read_file", session_id=sid, path="notes/a.txt")
+            assert read["content"] == "héllo\n" and read["encoding"] == "utf-8"
+        finally:
+            await _ok(client, "delete_session", session_id=sid)
 
 
 async def test_another_users_session_is_refused_and_untouched(connect: Connect, tokens: tuple[str, str],
