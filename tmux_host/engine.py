@@ -39,6 +39,7 @@ from tmux_host.exec import (
     ExecJob,
     TerminalEcho,
     command_line,
+    erase_line,
     make_file,
     parse_cursor,
     read_private_file,
@@ -1120,6 +1121,8 @@ class Engine:
             else:
                 status = await self._wait_status(rec, ch, float("inf"), prompts=job.prompts)
             await ch.drain(0.05)
+            if ch.erase is not None and rec.echo is not None:
+                rec.echo.write(ch.erase)
             ch.ack()
             ended = not self._shell_alive(rec) or (status is not None and status[1])
             job.finish(None if status is None else status[0], ended)
@@ -1259,8 +1262,7 @@ class Engine:
                 return
         if not job.background and rec.pid is not None and shell_state(rec.pid) == "prompt" and job.channel.started:
             # stopped, and its shell back at its prompt without a word (one that draws no prompt mark): ask it
-            with contextlib.suppress(errors.AppError):
-                await self._run(rec, lambda r: self.input_commands(r.pane_id, job.channel.recovery()))
+            await self._recover(rec, job.channel)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(job.done), 1.0)
 
@@ -1373,8 +1375,7 @@ class Engine:
                 prompt_since = prompt_since or now
                 if rec.prompts > prompts or (rec.prompts == 0 and seen_busy and now - prompt_since >= 0.05):
                     recovered = True
-                    with contextlib.suppress(errors.AppError):
-                        await self._run(rec, lambda r: self.input_commands(r.pane_id, channel.recovery()))
+                    await self._recover(rec, channel)
             remaining = deadline - now
             if remaining <= 0:
                 return None
@@ -1383,6 +1384,16 @@ class Engine:
     # How long the shell may sit at its prompt without beginning the wrapper before it is taken to have read it as
     # part of an unfinished command (the wrapper's first act, a builtin, takes well under a millisecond).
     UNSTARTED_S = 0.3
+
+    async def _recover(self, rec: SessionRec, channel: ExecChannel) -> None:
+        """Type the recovery line (``ExecChannel.recovery``), noting where it begins so that it is erased once it has
+        run: the terminal shows the interrupted command and the next prompt, not machinery."""
+        typed = channel.recovery()
+        with contextlib.suppress(errors.AppError):
+            (where, *_) = await self._run(rec, lambda r: [
+                f"display-message -p -t {quote(r.pane_id)} 'C#{{cursor_x}} #{{pane_width}}'",
+                *self.input_commands(r.pane_id, typed)])
+            channel.erase = erase_line(*_two_ints(where, "C"), len(typed) - 1)
 
     async def _abandon_pending_input(self, rec: SessionRec, channel: ExecChannel) -> None:
         logger.info("exec line absorbed by unfinished input; clearing it", extra={"session_id": str(rec.session_id)})

@@ -246,6 +246,8 @@ class ExecChannel:
         self.rc_path = directory / f"{xid}.rc"
         self.ack_path = directory / f"{xid}.a"
         self.in_path = directory / f"{xid}.i"
+        self.recovery_path = directory / f"{xid}.r"
+        self.erase: bytes | None = None  # what takes a typed recovery line off the terminal, once it has run
         self.merged = merged
         self.background = background
         self.stdout = StreamBuffer(cap)
@@ -301,8 +303,14 @@ class ExecChannel:
 
     def recovery(self) -> bytes:
         """For a shell back at its prompt without having written the status (a signal ended the command and
-        the shell dropped the rest of the wrapper): the status it keeps in ``$?``, and the trap cleared."""
-        return f" \\echo $? >{_q(str(self.rc_path))}; trap - EXIT\r".encode()
+        the shell dropped the rest of the wrapper): a line that sources a file saying the status it keeps in ``$?``
+        (still the command's, at the top of a sourced file), clearing the trap, and waiting, like the wrapper, for
+        the host to have erased that line from the terminal."""
+        if not self.recovery_path.exists():
+            rc, ack = _q(str(self.rc_path)), _q(str(self.ack_path))
+            make_file(self.recovery_path,
+                      f"\\eval \"\\echo \\$? >{rc}; trap - EXIT; \\read -r _ <{ack}; \\return $?\"\n".encode())
+        return f" \\. {_q(str(self.recovery_path))}\r".encode()
 
     # --- reading -----------------------------------------------------------------------------------
     def _read(self, name: str) -> int:
@@ -422,7 +430,7 @@ class ExecChannel:
         """Unlink first (a late redirection then fails instead of waiting for a reader), then close our ends (a
         writer still running gets SIGPIPE; the wrapper's read returns at EOF)."""
         for p in (self.script, self.wrapper_path, self.out_path, self.err_path, self.rc_path, self.ack_path,
-                  self.in_path):
+                  self.in_path, self.recovery_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         loop = asyncio.get_running_loop()
@@ -526,11 +534,22 @@ def parse_cursor(cursor: str) -> tuple[int, int]:
     return int(out), int(err)
 
 
+def _rows(col: int, width: int, typed: int) -> int:
+    """Terminal rows a line of ``typed`` columns took from column ``col``."""
+    return (col + typed - 1) // width + 1 if width > 0 else 1
+
+
+def erase_line(col: int, width: int, typed: int) -> bytes:
+    """Back to the start of the row a typed line began on, and clear to the end of the screen (the shell draws its
+    next prompt there)."""
+    return f"\x1b[{_rows(col, width, typed)}A\r\x1b[J".encode()
+
+
 def command_line(command: str, background: bool, col: int, width: int, typed: int) -> bytes:
     """What replaces the typed line on the terminal: back to where it began (it took ``typed`` columns from ``col``),
     clear to the end of the screen, and the command as a user would have typed it (continuation lines after
     ``> ``, control characters made visible)."""
-    rows = (col + typed - 1) // max(width, 1) + 1 if width > 0 else 1
+    rows = _rows(col, width, typed)
     shown = command if len(command) <= 4000 else command[:4000] + " …"
     shown = _CONTROLS.sub(lambda m: "^" + chr(ord(m.group()) ^ 0x40), shown.rstrip("\n"))
     text = shown.replace("\n", "\r\n> ") + (" &" if background else "")

@@ -98,6 +98,9 @@ def test_a_long_command_is_polled_fed_and_stopped(stack: Any, user: dict[str, st
     assert not final["running"] and final["exit_code"] in (130, 143, 137), \
         (final, stack.client.get(f"/sessions/{sid}/screen", headers=user).json()["text"])
     assert time.monotonic() - started < 10 and final["duration_ms"] < 40_000
+    # the terminal shows the interrupted command and a prompt, not how the host learnt its status
+    screen = stack.client.get(f"/sessions/{sid}/screen", headers=user).json()["text"]
+    assert "^C" in screen and "\\." not in screen and ".rc'" not in screen, screen
     # and the session is usable again
     assert _exec(stack, user, sid, "echo after")["stdout"] == "after\n"
 
