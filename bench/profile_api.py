@@ -2,11 +2,12 @@
 `GET /sessions/{id}` event beside a bare Mangum + FastAPI route, the service call alone and one request log
 line. For whoever works on the gateway throughput target (see README, Benchmarks).
 
-    python bench/profile_api.py [--n 3000] [--cprofile]
+    python bench/profile_api.py [--n 3000] [--cprofile] [--exec]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -29,18 +30,22 @@ from bench.common import local_stack, machine  # noqa: E402
 
 
 def per_call_us(fn: Callable[[], Any], n: int) -> float:
-    for _ in range(min(300, n)):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return round((time.perf_counter() - t0) / n * 1e6, 1)
+    # the handlers' EMF documents go to stdout (CloudWatch reads them there): not to this terminal
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        for _ in range(min(300, n)):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return round((time.perf_counter() - t0) / n * 1e6, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--cprofile", action="store_true", help="also print the top functions of the real handler")
+    ap.add_argument("--exec", action="store_true", help="also where a trivial exec's time goes: the host direct, the "
+                    "API handler in process, the gateway (interleaved, p50)")
     args = ap.parse_args()
     with local_stack(hosts=1) as st:
         with httpx.Client(base_url=st.gateway_url, headers={"authorization": f"Bearer {st.token}"}) as c:
@@ -87,15 +92,65 @@ def main() -> None:
         line = {"method": "GET", "route": "/sessions/{id}", "status": 200, "duration": 1.0}
         log_us = per_call_us(lambda: logger.info("request", extra=line), args.n)
         print(f"one request log line (microbench):    {log_us} us")
+        if args.exec:
+            exec_breakdown(st, sid, event, api, ctx, args.n // 10)
         if args.cprofile:
             prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.n):
-                api(event, ctx)
-            prof.disable()
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                prof.enable()
+                for _ in range(args.n):
+                    api(event, ctx)
+                prof.disable()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
             print(out.getvalue())
+
+
+def exec_breakdown(st: Any, sid: str, get_event: dict[str, Any], api: Callable[..., Any], ctx: Any, n: int) -> None:
+    """A trivial exec and a trivial host route (``GET .../execs``), each straight to the host, through the API
+    handler in process and through the gateway; interleaved, p50 and p95 in ms, and the engine's own time."""
+    from local.gateway import build_rest_event
+    from tmuxi import registry
+    from tmuxi.settings import get_settings
+
+    def event(method: str, resource: str, body: bytes = b"") -> dict[str, Any]:
+        e = build_rest_event(method=method, path=resource.replace("{id}", sid), resource=resource,
+                             headers=[("authorization", f"Bearer {st.token}"), ("content-type", "application/json")],
+                             query="", path_params={"id": sid}, body=body, source_ip="127.0.0.1", stage="local",
+                             api_id="local", account_id="1", stage_variables=None, request_id="profile")
+        e["requestContext"]["authorizer"] = get_event["requestContext"]["authorizer"]
+        return e
+
+    exec_event, list_event = event("POST", "/sessions/{id}/exec", b'{"command": "true"}'), \
+        event("GET", "/sessions/{id}/execs")
+    host = httpx.Client(base_url=registry.host_url(next(iter(st.host_ports))),
+                        headers={"X-Tmuxi-Host-Secret": get_settings().require_host_secret()})
+    gateway = httpx.Client(base_url=st.gateway_url, headers={"authorization": f"Bearer {st.token}"})
+    engine_ms: list[float] = []
+    ops: dict[str, Callable[[], Any]] = {
+        "exec, host direct": lambda: engine_ms.append(host.post(
+            f"/v1/sessions/{sid}/exec", json={"command": "true", "timeout_s": 20}).json()["duration_ms"]),
+        "exec, API handler": lambda: api(exec_event, ctx),
+        "exec, gateway": lambda: gateway.post(f"/sessions/{sid}/exec", json={"command": "true"}),
+        "GET /sessions/{id}, gateway": lambda: gateway.get(f"/sessions/{sid}"),
+        "GET .../execs, host direct": lambda: host.get(f"/v1/sessions/{sid}/execs"),
+        "GET .../execs, API handler": lambda: api(list_event, ctx),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        for i in range(n + 20):
+            for name, op in ops.items():
+                t = time.perf_counter()
+                op()
+                if i >= 20:
+                    times[name].append((time.perf_counter() - t) * 1000)
+    for name, xs in times.items():
+        xs.sort()
+        print(f"{name:30s} p50 {xs[len(xs) // 2]:.3f} ms  p95 {xs[int(len(xs) * 0.95)]:.3f} ms")
+    engine_ms.sort()
+    print(f"{'the engine, of the host exec':30s} p50 {engine_ms[len(engine_ms) // 2]:.3f} ms")
+    host.close()
+    gateway.close()
 
 
 if __name__ == "__main__":
