@@ -143,21 +143,20 @@ def test_a_forged_or_old_generation_entry_is_not_believed_and_is_replaced(deps: 
     r.set(f"user:{uid}", "0" * 64 + "." + forged)  # whoever can write Redis but lacks the secret
     got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
     assert isinstance(got, cache.Admission) and got.user is None  # not believed
-    assert auth_service.admit(p) is not None  # PostgreSQL answers, and its answer replaces the forgery
-    got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
-    assert isinstance(got, cache.Admission) and got.user == cache.UserState(0, "user", False)
-
-    r.incr("cache:gen")  # what a process does when Redis returns after it missed a write
-    got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
-    assert isinstance(got, cache.Admission) and got.user is None  # an entry of an old generation is a miss
 
     def replaced() -> bool:
-        # The new generation reaches this process's tracker asynchronously (a CLIENT TRACKING push): a write made
-        # just before it lands carries the old generation and is itself read as a miss, then replaced by the next.
+        # Changes reach this process's memory asynchronously (CLIENT TRACKING pushes): until the forged write's
+        # invalidation lands, admit answers from memory and writes nothing; a write made just before a new
+        # generation lands carries the old one and is itself read as a miss. Then PostgreSQL's answer replaces it.
         assert auth_service.admit(p) is not None
         got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
         return isinstance(got, cache.Admission) and got.user == cache.UserState(0, "user", False)
 
+    wait_for(replaced, timeout=5, what="the forged entry replaced by PostgreSQL's answer")
+
+    r.incr("cache:gen")  # what a process does when Redis returns after it missed a write
+    got = cache.admit("user:forged", "jti-f", None, user_id=str(uid))
+    assert isinstance(got, cache.Admission) and got.user is None  # an entry of an old generation is a miss
     wait_for(replaced, timeout=5, what="the entry replaced in the new generation")
 
 
