@@ -1469,7 +1469,9 @@ class Engine:
             else:
                 screen = await self.screen(session_id)
                 try:
-                    matched = rx is not None and rx.search(screen.text, timeout=0.05) is not None
+                    # in a thread, the GIL released (`concurrent`): a costly pattern never holds the event loop
+                    matched = rx is not None and await asyncio.to_thread(
+                        rx.search, screen.text, concurrent=True, timeout=0.05) is not None
                 except TimeoutError:
                     raise errors.InvalidField("body.wait.pattern", "the pattern takes too long to match "
                                                                    "(over 50 ms on one screen): simplify it") from None
@@ -1481,6 +1483,9 @@ class Engine:
             step = 0.002 if until == "prompt" and rec.prompts > prompts else 0.05
             if until == "quiet":
                 step = max(0.001, max(rec.last_output, sent) + quiet_ms / 1000 - now)
+            if until == "pattern":  # a screen read and a match at most every 50 ms, however much output comes
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                continue
             waiter.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), min(step, max(0.0, deadline - now)))

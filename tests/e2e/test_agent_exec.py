@@ -241,6 +241,11 @@ def test_send_and_wait_for_the_prompt_for_quiet_and_for_a_pattern(stack: Any, us
     r = stack.client.post(f"/sessions/{sid}/input", json={"text": "x", "wait": {"until": "pattern", "pattern": "("}},
                           headers=user)
     assert r.status_code == 422 and "regular expression" in r.text
+    # a pattern that backtracks without end on what the screen shows is cut off, with a message saying so
+    r = stack.client.post(f"/sessions/{sid}/input", headers=user, timeout=40, json={
+        "text": "printf 'a%.0s' {1..60}; echo '!'", "enter": True,
+        "wait": {"until": "pattern", "pattern": "(a|aa)+$", "timeout_s": 10}})
+    assert r.status_code == 422 and "too long" in r.text, r.text
 
 
 def test_a_command_as_large_as_a_file(stack: Any, user: dict[str, str], sid: str) -> None:
