@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.hosting import free_port, host_in_thread, kill_tmux_servers
@@ -24,7 +23,7 @@ from tests.integration.test_api_handler import Ctx, Result, authorize, invoke, t
 from tests.integration.test_throttle import changed_settings
 from tmuxi import errors, registry
 from tmuxi.db import repo
-from tmuxi.host_client import HostClient
+from tmuxi.host_client import HostClient, HostResponse
 from tmuxi.settings import Settings, get_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
@@ -182,10 +181,10 @@ def test_host_refusals_are_not_relayed_verbatim(tiny_host: TinyHost) -> None:
         HostClient(tiny_host.url, secret="wrong-" + secret).list_sessions()
     # tmux's own text in a host error: logged, never in a body
     tmux_text = {"error": {"code": "internal_error", "message": "can't find pane: %3 (/tmp/tmuxi-0/a1/tmux)"}}
-    err = HostClient._to_error(httpx.Response(500, json=tmux_text))
+    err = HostClient._to_error(HostResponse(500, json.dumps(tmux_text).encode()))
     assert err.status == 500 and "pane" not in json.dumps(err.to_body()) and "/tmp" not in json.dumps(err.to_body())
     full = {"error": {"code": "host_full", "message": "host host-2 is at capacity (30 sessions)"}}
-    err = HostClient._to_error(httpx.Response(503, json=full))
+    err = HostClient._to_error(HostResponse(503, json.dumps(full).encode()))
     assert isinstance(err, errors.HostUnavailable)
     assert "capacity" not in json.dumps(err.to_body()) and "host-2" not in json.dumps(err.to_body())
 
