@@ -35,6 +35,7 @@ from tmux_host.accounts import Isolation, check_reachable, ensure_dir
 from tmux_host.control import CTL_SESSION, OUT_SESSION, ControlClosed, TmuxCommandError, quote
 from tmux_host.ecs import emit_sessions_metric
 from tmux_host.exec import (
+    ChannelFiles,
     ExecChannel,
     ExecJob,
     TerminalEcho,
@@ -108,6 +109,8 @@ class SessionRec:
     shell_ids: tuple[int, int] | None = field(default=None, repr=False)  # its shell's (session id, uid)
     last_output: float = 0.0  # time.monotonic() of its last output
     output_changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    spares: list[ChannelFiles] = field(default_factory=list, repr=False)  # the next execs' files, made ahead
+    spare_making: asyncio.Task[None] | None = field(default=None, repr=False)  # making them (in a thread)
 
     def public(self) -> dict[str, Any]:
         return {"session_id": str(self.session_id), "account": self.account, "tmux_name": self.tmux_name,
@@ -127,8 +130,12 @@ def shell_state(pid: int) -> str:
     """``prompt``: process ``pid`` leads the foreground process group of its terminal (``tpgid`` in
     /proc/PID/stat), an interactive shell with no job in the foreground. ``starting``: it has no controlling
     terminal yet (just forked). ``busy``: anything else (a job runs in the foreground, or the process is gone)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    try:  # os.read, not Path.read_bytes: asked on every exec, twice (a third of the time, without the file object)
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return "busy"
     fields = raw[raw.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty_nr tpgid
@@ -250,6 +257,11 @@ class Engine:
         for t in list(self._bg):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for rec in self._sessions.values():  # the files made ahead (an exec's own go when it ends)
+            for files in rec.spares:
+                with contextlib.suppress(OSError):
+                    files.remove(dict(files.fds))
+            rec.spares.clear()
         await asyncio.gather(*(s.stop(kill=kill_servers) for s in self.servers.values()), return_exceptions=True)
         await self.live.close()
         if self.recorder is not None:  # this run's recordings end here (a restart begins new ones)
@@ -670,6 +682,9 @@ class Engine:
             SESSIONS_CLEANED.labels(host=self.host_id, reason=reason).inc()
             self._gauge.set(len(self._sessions))
             self._end_execs(rec)
+            for files in rec.spares:
+                self._discard(files)
+            rec.spares.clear()
             if rec.echo is not None:
                 rec.echo.close()
             # once the caller has remembered how it ended (_ended, kill_session): viewers told, recording finished
@@ -793,6 +808,7 @@ class Engine:
             self._creating.pop(session_id, None)
         SESSIONS_CREATED.labels(host=self.host_id).inc()
         self._gauge.set(len(self._sessions))
+        self._replenish(rec)  # its first exec's files
         return {"session_id": str(session_id), "account": account, "tmux_name": name, "pane_id": rec.pane_id,
                 "pid": rec.pid}
 
@@ -1032,7 +1048,8 @@ class Engine:
 
     async def exec(self, session_id: UUID, command: str, timeout_s: float | None = None, *,
                    on_timeout: str = "background", background: bool = False, streams: str = "split",
-                   encoding: str = "utf-8", max_output_bytes: int | None = None) -> ExecResult:
+                   encoding: str = "utf-8", max_output_bytes: int | None = None,
+                   exec_id: str | None = None) -> ExecResult:
         rec = self._get(session_id)
         self._touched.add(session_id)
         encoded = command.encode("utf-8", errors="surrogateescape")
@@ -1058,9 +1075,11 @@ class Engine:
                                          "stop one first")
             if not await self._shell_ready(rec, deadline=waited + timeout):
                 raise errors.SessionBusy("the session's shell is not at a prompt (a program is running)")
+            if exec_id is not None and exec_id in rec.execs:
+                raise errors.Conflict(f"exec {exec_id} already exists in this session")
             job = await self._start_exec(rec, command, encoded, cap, background=background,
                                          merged=streams == "merged", encoding=encoding,
-                                         deadline=waited + timeout)
+                                         deadline=waited + timeout, exec_id=exec_id)
         finally:
             rec.exec_lock.release()
         remaining = timeout - (time.monotonic() - waited)
@@ -1074,11 +1093,21 @@ class Engine:
         return job.result(0, 0)
 
     async def _start_exec(self, rec: SessionRec, command: str, script: bytes, cap: int, *, background: bool,
-                          merged: bool, encoding: str, deadline: float) -> ExecJob:
+                          merged: bool, encoding: str, deadline: float, exec_id: str | None = None) -> ExecJob:
         await self._server(rec)
         self._prune_execs(rec)
-        xid = uuid4().hex[:16]
-        channel = ExecChannel(self._exchange(rec), xid, cap, merged=merged, background=background)
+        directory = self._exchange(rec)
+        ahead = not (background or merged)  # the files made ahead are for the usual exec: foreground, split
+        if ahead and not rec.spares and rec.spare_making is not None:
+            await asyncio.wait([rec.spare_making], timeout=1.0)  # under way: sooner than making more beside it
+        files = rec.spares.pop(0) if ahead and rec.spares else None  # the oldest first
+        if files is None or files.script.parent != directory:
+            if files is not None:
+                self._discard(files)
+            files = ChannelFiles.make(directory, merged=merged, background=background,
+                                      history=command if background else None)
+        channel = ExecChannel(files, cap)
+        xid = exec_id or channel.id
         job = ExecJob(xid, command, background, channel, encoding)
         try:
             channel.open(script, history=command)
@@ -1112,6 +1141,36 @@ class Engine:
                 await asyncio.wait([job.done], timeout=0.02)
         return job
 
+    # Sets of exec files a session keeps made ahead: two, so that an exec that follows another at once (an agent's
+    # loop) still finds one made while the first ran, without making more beside it.
+    SPARES = 2
+
+    def _replenish(self, rec: SessionRec) -> None:
+        """Make the session's next exec's files ahead, in a thread (``ChannelFiles``: off every exec's path)."""
+        server = self.servers.get(rec.account)
+        if len(rec.spares) >= self.SPARES or rec.spare_making is not None or server is None or self._stopping:
+            return
+
+        async def make() -> None:
+            try:
+                while len(rec.spares) < self.SPARES:
+                    files = await asyncio.to_thread(ChannelFiles.make, server.exchange_dir)
+                    if self._sessions.get(rec.session_id) is not rec or self._stopping:
+                        self._discard(files)
+                        return
+                    rec.spares.append(files)
+            except OSError as exc:  # the next exec makes its own, and says what is wrong if it cannot
+                logger.warning("exec files not made ahead", extra={"session_id": str(rec.session_id),
+                                                                   "error": str(exc)[:200]})
+            finally:
+                rec.spare_making = None
+
+        rec.spare_making = self._spawn(make(), "exec-spare")
+
+    @staticmethod
+    def _discard(files: ChannelFiles) -> None:
+        asyncio.get_running_loop().run_in_executor(None, files.remove, dict(files.fds))
+
     async def _follow(self, rec: SessionRec, job: ExecJob) -> None:
         """Until the exec ends: its status, then the rest of its output, then the shell let go on."""
         ch = job.channel
@@ -1138,6 +1197,8 @@ class Engine:
             if rec.foreground is job:
                 rec.foreground = None
             ch.close()
+            if not job.background:
+                self._replenish(rec)  # the next exec's files: made now, between execs, not during one
 
     def _shell_alive(self, rec: SessionRec) -> bool:
         if self._sessions.get(rec.session_id) is not rec:
@@ -1349,6 +1410,8 @@ class Engine:
         recovered = False
         retyped = not recover
         typed_at = time.monotonic()
+        # most commands are done within this: their status comes before any look at the shell is needed
+        await asyncio.wait([channel.rc], timeout=max(0.0, min(0.02, deadline - typed_at)))
         while True:
             if channel.rc.done():
                 return channel.rc.result()

@@ -1,14 +1,17 @@
 """Exec: run a command in a session's own shell, as if typed, and return its output and exit status.
 
-The host writes the command to a file (``<x>.sh``) and a wrapper (``<x>.w``) in the account's exchange directory
-(which the account cannot list or write: nothing there can be swapped for a link or a FIFO of the user's), and
-types one short line, `` \\. '<x>.w'``. The wrapper, in the shell itself::
+The host writes the command to a file (``<x>.sh``, after a first ``\\history -s -- '<command>'; ``: the history
+holds the command, not machinery) beside a wrapper (``<x>.w``) in the account's exchange directory (which the
+account cannot list or write: nothing there can be swapped for a link or a FIFO of the user's), and types one
+short line, `` \\. '<x>.w'``. The wrapper, in the shell itself::
 
     \\echo s >'<x>.rc'                                  # started
     trap '\\echo "$? exit" >'<x>.rc'' EXIT              # a command that ends the shell still reports its status
-    \\history -s -- '<command>'                         # the history holds the command, not the wrapper
     { \\. '<x>.sh'; } >'<x>.o' 2>'<x>.e'                 # stdin stays the terminal: typed input reaches it
     \\eval "\\echo $? >'<x>.rc'; trap - EXIT; \\read -r _ <'<x>.a'; \\return $?"
+
+The files are made before the exec needs them (``ChannelFiles``: a session keeps a set made ahead), so that an exec
+only writes its command.
 
 ``.o``, ``.e``, ``.rc`` and ``.a`` are FIFOs the host made and reads (writes, for ``.a``) without blocking, in the
 event loop, as the bytes come: the output never touches the disk. Each stream keeps its first and last
@@ -32,6 +35,7 @@ import os
 import re
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +67,11 @@ def open_fifo(path: Path, *, write: bool = False) -> int:
         os.close(fd)
         raise RuntimeError(f"{path} is not the FIFO the host made")
     return fd
+
+
+def _history(command: str | None) -> str:
+    """A line that puts ``command`` in bash's history (and does nothing in another shell)."""
+    return f'[ -n "${{BASH_VERSION-}}" ] && \\history -s -- {_q(command)}' if command else ":"
 
 
 def utf8_complete(data: bytes | bytearray) -> int:
@@ -234,22 +243,102 @@ class TerminalEcho:
             self._pending.clear()
 
 
-class ExecChannel:
-    """The files of one exec: its command and wrapper, and its FIFOs -- stdout, stderr (unless merged), exit status,
-    acknowledgement, and stdin for a background job."""
+class ChannelFiles:
+    """An exec's files in the account's exchange directory: the wrapper, the command file (empty until the exec
+    writes its command there), and the FIFOs -- stdout, stderr (unless merged), exit status, acknowledgement, and
+    stdin for a background job -- with the host's ends open. Their name is the exec's id.
 
-    def __init__(self, directory: Path, xid: str, cap: int, *, merged: bool = False, background: bool = False) -> None:
-        self.script = directory / f"{xid}.sh"
-        self.wrapper_path = directory / f"{xid}.w"
-        self.out_path = directory / f"{xid}.o"
-        self.err_path = directory / f"{xid}.e"
-        self.rc_path = directory / f"{xid}.rc"
-        self.ack_path = directory / f"{xid}.a"
-        self.in_path = directory / f"{xid}.i"
-        self.recovery_path = directory / f"{xid}.r"
-        self.erase: bytes | None = None  # what takes a typed recovery line off the terminal, once it has run
+    Making them is file-system work, an inode each, and that cost is the disk's: on this project's machine a new
+    inode on the journaled root file system took from 15 us to 0.6 ms, varying minute to minute -- six of them, then
+    their removal, were most of a trivial exec's time. So none of it is on an exec's path: a session keeps one set
+    made ahead, in a thread (``Engine._replenish``); an exec writes its command into the (existing) file, and its
+    files are removed in a thread after it ends. Each exec still has files of its own: nothing a command leaves
+    behind (a background process holding its stdout) ever reaches another exec."""
+
+    def __init__(self, directory: Path, *, merged: bool = False, background: bool = False) -> None:
+        self.name = uuid.uuid4().hex[:16]
         self.merged = merged
         self.background = background
+        base = directory / self.name
+        self.script, self.wrapper_path = base.with_suffix(".sh"), base.with_suffix(".w")
+        self.out_path, self.err_path = base.with_suffix(".o"), base.with_suffix(".e")
+        self.rc_path, self.ack_path = base.with_suffix(".rc"), base.with_suffix(".a")
+        self.in_path, self.recovery_path = base.with_suffix(".i"), base.with_suffix(".r")
+        self.fds: dict[str, int] = {}
+
+    @classmethod
+    def make(cls, directory: Path, *, merged: bool = False, background: bool = False,
+             history: str | None = None) -> ChannelFiles:
+        """Make them (blocking: in a thread, or where its cost does not matter). Nothing is left on failure.
+        ``history``: a background job's command, for the shell's history (its wrapper puts it there: the command
+        file runs in the job's subshell, whose history is not the shell's)."""
+        files = cls(directory, merged=merged, background=background)
+        try:
+            files._make(history)
+        except BaseException:
+            files.remove(dict(files.fds))
+            raise
+        return files
+
+    def _make(self, history: str | None) -> None:
+        rc, ack, sh = _q(str(self.rc_path)), _q(str(self.ack_path)), _q(str(self.script))
+        out = _q(str(self.out_path))
+        redirect = f">{out} 2>&1" if self.merged else f">{out} 2>{_q(str(self.err_path))}"
+        if self.background:
+            body = (f"\\echo s >{rc}\n{_history(history)}\n"
+                    f"{{ {{ trap : INT TERM HUP QUIT USR1 USR2; ( \\. {sh} ) <{_q(str(self.in_path))} {redirect}; "
+                    f"\\echo $? >{rc}; }} & }} 2>/dev/null\n"
+                    f"\\echo \"p $!\" >{rc}; \\disown $! 2>/dev/null; \\read -r _ <{ack}\n")
+        else:
+            body = (f"\\echo s >{rc}\ntrap '\\echo \"$? exit\" >'{_q(str(self.rc_path))} EXIT\n"
+                    f"{{ \\. {sh}; }} {redirect}\n"
+                    f"\\eval \"\\echo \\$? >{rc}; trap - EXIT; \\read -r _ <{ack}; \\return $?\"\n")
+        make_file(self.script)
+        make_file(self.wrapper_path, body.encode())
+        for name in ["o"] if self.merged else ["o", "e"]:
+            fd = self.fds[name] = open_fifo(self.out_path if name == "o" else self.err_path)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self.fds["rc"] = open_fifo(self.rc_path)
+        # ours, so the shell opening and closing it (twice or more) never leaves it without a writer: no EOF between
+        self.fds["rcw"] = os.open(self.rc_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fds["a"] = open_fifo(self.ack_path, write=True)
+        if self.background:
+            self.fds["i"] = open_fifo(self.in_path, write=True)
+
+    def write_script(self, command: bytes, history: str | None) -> None:
+        """The command, into the file the wrapper sources. Before it, on its first line (so that the shell's
+        messages about the command give its own line numbers), the shell's history gets the command: the history
+        holds what was run, not the wrapper (the line typed is kept out, HISTCONTROL=ignorespace)."""
+        hist = f"{_history(history)}; " if history and not self.background else ""
+        fd = os.open(self.script, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            view = memoryview(hist.encode("utf-8", errors="surrogateescape") + command + b"\n")
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def remove(self, fds: dict[str, int]) -> None:
+        """Unlink first (a late redirection then fails instead of waiting for a reader), then close our ends (a
+        writer still running gets SIGPIPE; the wrapper's read returns at EOF). Blocking, like ``make``."""
+        for p in (self.script, self.wrapper_path, self.out_path, self.err_path, self.rc_path, self.ack_path,
+                  self.in_path, self.recovery_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        for fd in fds.values():
+            os.close(fd)
+
+
+class ExecChannel:
+    """One exec's run through its files (``ChannelFiles``): what it prints, as it comes, and its status."""
+
+    def __init__(self, files: ChannelFiles, cap: int) -> None:
+        self.files = files
+        self.id = files.name
+        self.erase: bytes | None = None  # what takes a typed recovery line off the terminal, once it has run
+        self.merged = files.merged
+        self.background = files.background
         self.stdout = StreamBuffer(cap)
         self.stderr = StreamBuffer(cap)
         self.echo: TerminalEcho | None = None  # the session's terminal, once the command's line is shown there
@@ -259,7 +348,7 @@ class ExecChannel:
         self._rc = bytearray()
         self.started = False  # the shell has begun the wrapper
         self.pgid: int | None = None  # a background job's process group (as the shell said: verify before use)
-        self._fds: dict[str, int] = {}
+        self._fds = files.fds
         self._eof: set[str] = set()
         self.changed = asyncio.Event()  # output came, or the status (set; waiters clear it)
         # (exit status, the shell is exiting): "3" after the command, "3 exit" from the EXIT trap
@@ -267,50 +356,29 @@ class ExecChannel:
 
     # --- setup -------------------------------------------------------------------------------------
     def open(self, command: bytes, history: str | None) -> None:
-        make_file(self.script, command + b"\n")
-        rc, ack, sh = _q(str(self.rc_path)), _q(str(self.ack_path)), _q(str(self.script))
-        out = _q(str(self.out_path))
-        redirect = f">{out} 2>&1" if self.merged else f">{out} 2>{_q(str(self.err_path))}"
-        hist = f'[ -n "${{BASH_VERSION-}}" ] && \\history -s -- {_q(history)}\n' if history else ""
-        if self.background:
-            body = (f"\\echo s >{rc}\n{hist}"
-                    f"{{ {{ trap : INT TERM HUP QUIT USR1 USR2; ( \\. {sh} ) <{_q(str(self.in_path))} {redirect}; "
-                    f"\\echo $? >{rc}; }} & }} 2>/dev/null\n"
-                    f"\\echo \"p $!\" >{rc}; \\disown $! 2>/dev/null; \\read -r _ <{ack}\n")
-        else:
-            body = (f"\\echo s >{rc}\ntrap '\\echo \"$? exit\" >'{_q(str(self.rc_path))} EXIT\n{hist}"
-                    f"{{ \\. {sh}; }} {redirect}\n"
-                    f"\\eval \"\\echo \\$? >{rc}; trap - EXIT; \\read -r _ <{ack}; \\return $?\"\n")
-        make_file(self.wrapper_path, body.encode())
+        """Write the command and start reading the pipes."""
+        self.files.write_script(command, history)
         loop = asyncio.get_running_loop()
-        names = ["o"] if self.merged else ["o", "e"]
-        for name in names:
-            fd = self._fds[name] = open_fifo(self.out_path if name == "o" else self.err_path)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            loop.add_reader(fd, self._on_out, name)
-        self._fds["rc"] = open_fifo(self.rc_path)
-        # ours, so the shell opening and closing it (twice or more) never leaves it without a writer: no EOF between
-        self._fds["rcw"] = os.open(self.rc_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._fds["a"] = open_fifo(self.ack_path, write=True)
-        if self.background:
-            self._fds["i"] = open_fifo(self.in_path, write=True)
+        for name in ("o", "e"):
+            if name in self._fds:
+                loop.add_reader(self._fds[name], self._on_out, name)
         loop.add_reader(self._fds["rc"], self._on_rc)
 
     def typed_line(self) -> bytes:
         # Leading space keeps it out of history (HISTCONTROL=ignorespace); `\.` dodges aliases.
-        return f" \\. {_q(str(self.wrapper_path))}\r".encode()
+        return f" \\. {_q(str(self.files.wrapper_path))}\r".encode()
 
     def recovery(self) -> bytes:
         """For a shell back at its prompt without having written the status (a signal ended the command and
         the shell dropped the rest of the wrapper): a line that sources a file saying the status it keeps in ``$?``
         (still the command's, at the top of a sourced file), clearing the trap, and waiting, like the wrapper, for
         the host to have erased that line from the terminal."""
-        if not self.recovery_path.exists():
-            rc, ack = _q(str(self.rc_path)), _q(str(self.ack_path))
-            make_file(self.recovery_path,
+        f = self.files
+        if not f.recovery_path.exists():
+            rc, ack = _q(str(f.rc_path)), _q(str(f.ack_path))
+            make_file(f.recovery_path,
                       f"\\eval \"\\echo \\$? >{rc}; trap - EXIT; \\read -r _ <{ack}; \\return $?\"\n".encode())
-        return f" \\. {_q(str(self.recovery_path))}\r".encode()
+        return f" \\. {_q(str(f.recovery_path))}\r".encode()
 
     # --- reading -----------------------------------------------------------------------------------
     def _read(self, name: str) -> int:
@@ -427,18 +495,14 @@ class ExecChannel:
             os.close(fd)
 
     def close(self) -> None:
-        """Unlink first (a late redirection then fails instead of waiting for a reader), then close our ends (a
-        writer still running gets SIGPIPE; the wrapper's read returns at EOF)."""
-        for p in (self.script, self.wrapper_path, self.out_path, self.err_path, self.rc_path, self.ack_path,
-                  self.in_path, self.recovery_path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        """Stop reading, and have the files removed in a thread (``ChannelFiles.remove``)."""
         loop = asyncio.get_running_loop()
         for name, fd in self._fds.items():
             if name in ("o", "e", "rc") and name not in self._eof:
                 loop.remove_reader(fd)
-            os.close(fd)
+        fds = dict(self._fds)
         self._fds.clear()
+        loop.run_in_executor(None, self.files.remove, fds)
 
 
 def read_private_file(path: Path, cap: int) -> bytes:

@@ -54,3 +54,37 @@ async def test_a_reported_group_that_is_not_the_sessions_own_is_never_signalled(
     finally:
         bystander.kill()
         bystander.wait()
+
+
+async def _files_in(directory: Path, n: int, besides: frozenset[str] = frozenset(),
+                    within_s: float = 5.0) -> list[str]:
+    """The exchange directory's files once there are ``n`` of them, none of ``besides`` (they are made and removed
+    in threads: poll)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        names = sorted(p.name for p in directory.iterdir())
+        if (len(names) == n and not besides & set(names)) or loop.time() > deadline:
+            return names
+        await asyncio.sleep(0.02)
+
+
+async def test_exec_files_are_made_ahead_used_once_and_gone_with_the_session(engine: Engine) -> None:
+    sid = uuid.uuid4()
+    await engine.create_session(sid, 1, 80, 24)
+    rec = engine._sessions[sid]  # noqa: SLF001
+    xdir = engine.servers[rec.account].exchange_dir
+    per_set = 6  # .w .sh .o .e .rc .a
+    ahead = await _files_in(xdir, engine.SPARES * per_set)
+    assert len(ahead) == engine.SPARES * per_set, ahead
+    first = await engine.exec(sid, "echo one", 10)
+    second = await engine.exec(sid, "echo two", 10)
+    assert (first.stdout, second.stdout) == ("one\n", "two\n")
+    # each exec ran from a set made before it was asked for (the oldest first), its own: those are removed, and
+    # new ones wait
+    used = {first.exec_id, second.exec_id}
+    assert used == {n.split(".")[0] for n in ahead}, (used, ahead)
+    after = await _files_in(xdir, engine.SPARES * per_set, besides=frozenset(ahead))
+    assert len(after) == engine.SPARES * per_set and not set(after) & set(ahead), (ahead, after)
+    await engine.kill_session(sid)
+    assert await _files_in(xdir, 0) == []
