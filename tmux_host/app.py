@@ -77,6 +77,10 @@ class InputBody(_Body):
     wait: WaitSpec | None = None
 
 
+class ExecBody(ExecRequest):
+    exec_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}\z")  # the API's; without it, the host's
+
+
 class ExecInputBody(_Body):
     data_b64: str = ""
     eof: bool = False
@@ -99,6 +103,11 @@ def _error(exc: errors.AppError, rid: str) -> JSONResponse:
     if exc.details and exc.status < 500:  # e.g. how a session ended (410 session_gone)
         body["error"]["details"] = exc.details
     return JSONResponse(body, status_code=exc.status, headers={REQUEST_ID_HEADER: rid})
+
+
+def _model(result: BaseModel) -> Response:
+    """A result as JSON, serialized by pydantic itself (no dict and json.dumps in between)."""
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
 def _engine(request: Request) -> Engine:
@@ -214,7 +223,7 @@ async def send_input(request: Request) -> Response:
         w = body.wait
         result = await _engine(request).send_and_wait(session_id, data, body.keys, until=w.until, timeout_s=w.timeout_s,
                                                      quiet_ms=w.quiet_ms, pattern=w.pattern)
-        return JSONResponse(result.model_dump())
+        return _model(result)
     await _engine(request).send_input(session_id, data=data, keys=body.keys)
     return Response(status_code=204)
 
@@ -230,7 +239,7 @@ async def screen(request: Request) -> Response:
     if history < 0:
         raise errors.BadRequest("history must be >= 0")
     result = await _engine(request).screen(session_id, escapes=escapes, history=history)
-    return JSONResponse(result.model_dump())
+    return _model(result)
 
 
 async def resize(request: Request) -> Response:
@@ -243,11 +252,11 @@ async def resize(request: Request) -> Response:
 async def exec_(request: Request) -> Response:
     session_id = sid(request)
     s = _settings(request)
-    body = await read_json(request, ExecRequest, max(s.max_body_bytes, s.max_file_body_bytes))
+    body = await read_json(request, ExecBody, max(s.max_body_bytes, s.max_file_body_bytes))
     result = await _engine(request).exec(session_id, body.command, body.timeout_s, on_timeout=body.on_timeout,
                                          background=body.background, streams=body.streams, encoding=body.encoding,
-                                         max_output_bytes=body.max_output_bytes)
-    return JSONResponse(result.model_dump())
+                                         max_output_bytes=body.max_output_bytes, exec_id=body.exec_id)
+    return _model(result)
 
 
 def _float_query(request: Request, name: str, default: float) -> float:
@@ -271,7 +280,7 @@ async def poll_exec(request: Request) -> Response:
     result = await _engine(request).poll_exec(sid(request), request.path_params["xid"],
                                               request.query_params.get("cursor", ""),
                                               _float_query(request, "wait_s", 0.0))
-    return JSONResponse(result.model_dump())
+    return _model(result)
 
 
 async def exec_input(request: Request) -> Response:
@@ -293,7 +302,7 @@ async def signal_exec(request: Request) -> Response:
 async def stop_exec(request: Request) -> Response:
     result = await _engine(request).stop_exec(sid(request), request.path_params["xid"],
                                               _float_query(request, "grace_s", 2.0))
-    return JSONResponse(result.model_dump())
+    return _model(result)
 
 
 async def attach_viewer(request: Request) -> Response:

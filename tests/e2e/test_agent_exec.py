@@ -219,6 +219,39 @@ def test_another_users_exec_is_not_found(stack: Any, user: dict[str, str], sid: 
     assert r.status_code == 422 and "cursor" in r.text
 
 
+def test_an_exec_is_audited_under_its_id_and_a_refused_one_as_an_error(stack: Any, user: dict[str, str],
+                                                                       sid: str) -> None:
+    import uuid
+
+    from tmuxi.db import repo
+
+    done = _exec(stack, user, sid, "true")
+    held = _exec(stack, user, sid, "sleep 5", timeout_s=0.2)
+    assert held["running"]
+    r = stack.client.post(f"/sessions/{sid}/exec", json={"command": "echo refused"}, headers=user)
+    assert r.status_code == 409, r.text
+    events = [e for e in repo.audit_events(uuid.UUID(sid), None, 100) if e["action"] == "session.exec"]
+    # the events name the ids the answers gave (the API gives them; the host takes them)
+    assert [(e["detail"]["exec_id"], e["status"]) for e in reversed(events[1:])] == \
+        [(done["exec_id"], "ok"), (held["exec_id"], "ok")], events
+    refused = events[0]  # written while the host was asked, then settled with its refusal
+    assert refused["status"] == "error" and refused["detail"]["error"] == "session_busy", refused
+    assert refused["detail"]["bytes"] == len("echo refused")
+    assert refused["detail"]["exec_id"] not in (done["exec_id"], held["exec_id"])
+
+
+def test_output_a_command_leaves_running_never_reaches_a_later_exec(stack: Any, user: dict[str, str],
+                                                                    sid: str) -> None:
+    # each exec has FIFOs of its own (made ahead, never reused): a process left writing to the first exec's
+    # stdout loses it (SIGPIPE once the host has let go) instead of writing into the next ones
+    first = _exec(stack, user, sid, "(for i in $(seq 50); do echo leak-$i; sleep 0.05; done) & echo started")
+    assert first["stdout"].startswith("started") and first["exit_code"] == 0, first
+    for i in range(5):
+        later = _exec(stack, user, sid, f"sleep 0.1; echo mine-{i}")
+        # (bash may tell, on stderr, that the job it left got the broken pipe: its own word, not the job's output)
+        assert later["stdout"] == f"mine-{i}\n" and not re.search(r"leak-\d", later["stderr"]), later
+
+
 def test_send_and_wait_for_the_prompt_for_quiet_and_for_a_pattern(stack: Any, user: dict[str, str], sid: str) -> None:
     def send(text: str, **wait: Any) -> dict[str, Any]:
         r = stack.client.post(f"/sessions/{sid}/input", json={"text": text, "enter": True, "wait": wait},

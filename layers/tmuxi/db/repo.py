@@ -381,16 +381,28 @@ def list_sessions(owner_id: UUID | None, state: str = "live", limit: int = MAX_P
     return rows[:limit], len(rows) > limit
 
 
-def record_activity(session_id: UUID, actor: UUID, action: str, detail: dict[str, Any]) -> None:
-    """Audit a terminal action and bump last_active_at (at most every 10 s, to keep the row cool)."""
+def record_activity(session_id: UUID, actor: UUID, action: str, detail: dict[str, Any]) -> int:
+    """Audit a terminal action and bump last_active_at (at most every 10 s, to keep the row cool). Returns the
+    event's id (for ``settle_audit``)."""
     with connection() as conn:
-        conn.execute(
+        row = conn.execute(
             "WITH a AS (INSERT INTO audit_events (actor_id, action, session_id, status, detail)"
-            " VALUES (%s, %s, %s, 'ok', %s))"
-            " UPDATE sessions SET last_active_at = now()"
-            " WHERE id = %s AND last_active_at < now() - interval '10 seconds'",
+            " VALUES (%s, %s, %s, 'ok', %s) RETURNING id),"
+            " u AS (UPDATE sessions SET last_active_at = now()"
+            " WHERE id = %s AND last_active_at < now() - interval '10 seconds')"
+            " SELECT id FROM a",
             (actor, action, session_id, psycopg.types.json.Jsonb(detail), session_id),
-        )
+        ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+def settle_audit(event_id: int, status: str, detail: dict[str, Any]) -> None:
+    """An event written before its action's outcome was known (``record_activity`` beside the action): the
+    outcome, when it is not ``ok``; ``detail`` is added to the event's."""
+    with connection() as conn:
+        conn.execute("UPDATE audit_events SET status = %s, detail = detail || %s WHERE id = %s",
+                     (status, psycopg.types.json.Jsonb(detail), event_id))
 
 
 def resize_session(session_id: UUID, actor: UUID, cols: int, rows: int) -> Row | None:

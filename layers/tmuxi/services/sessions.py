@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import contextvars
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -322,13 +326,32 @@ def send_input(p: Principal, session_id: UUID, body: InputRequest) -> InputWaitR
     return result
 
 
-def _after(write: Callable[..., object], *args: Any) -> None:
+def _after(write: Callable[..., T], *args: Any) -> T | None:
     """A record written after the side effect it records happened (the input was typed, the command ran): if
-    the database fails now, the client is still told the truth -- it happened -- and the miss is logged."""
+    the database fails now, the client is still told the truth -- it happened -- and the miss is logged (and
+    None returned)."""
     try:
-        write(*args)
+        return write(*args)
     except AppError as exc:
         logger.warning("activity not recorded", extra={"error": exc.code, "write": getattr(write, "__name__", "?")})
+        return None
+
+
+_beside_pool: ThreadPoolExecutor | None = None
+_beside_lock = threading.Lock()
+
+
+def _beside(write: Callable[..., T], *args: Any) -> Future[T | None]:
+    """``_after``, in a thread, while the request goes on (the host call it records): its round trip to the
+    database -- a commit, 0.3 ms on the local stack, a few ms on a Multi-AZ RDS -- overlaps the host's work
+    instead of following it. The caller waits for it before answering (``Future.result``): nothing outlives the
+    request. The thread is made on first use, never at import (SnapStart snapshots no thread)."""
+    global _beside_pool
+    with _beside_lock:
+        if _beside_pool is None:
+            _beside_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="record")
+        pool = _beside_pool
+    return pool.submit(contextvars.copy_context().run, _after, write, *args)  # the request's id in its log lines
 
 
 def read_screen(p: Principal, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
@@ -356,13 +379,22 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
                                                     "TMUXI_EXEC_MAX_OUTPUT_BYTES)")
     req = body.model_copy(update={"timeout_s": min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)})
     row, host = _active(p, session_id)
-    result = on_host(row, lambda: host.exec(session_id, req))
+    # The audit event is written while the command runs, under the exec's id, which this service gives (the host
+    # takes it); a refusal (the session busy or gone, the host unreachable) then settles it as an error.
+    exec_id = os.urandom(8).hex()
+    recorded = _beside(repo.record_activity, session_id, p.user_id, "session.exec",
+                       {"bytes": size, "exec_id": exec_id, "background": body.background})
+    try:
+        result = on_host(row, lambda: host.exec(session_id, req, exec_id=exec_id))
+    except AppError as exc:
+        event = recorded.result()
+        if event is not None:
+            _after(repo.settle_audit, event, "error", {"error": exc.code})
+        raise
     # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
     # too; whichever comes first records it.
     if result.session_ended:
         _after(repo.end_session, session_id, p.user_id, "exited", "its shell exited during an exec")
         cache.invalidate_session(str(session_id))
-    _after(repo.record_activity, session_id, p.user_id, "session.exec",
-           {"bytes": size, "exit_code": result.exit_code, "running": result.running, "exec_id": result.exec_id,
-            "background": body.background})
+    recorded.result()
     return result
