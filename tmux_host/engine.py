@@ -41,6 +41,7 @@ from tmux_host.exec import (
     TerminalEcho,
     command_line,
     erase_line,
+    in_files_thread,
     make_file,
     parse_cursor,
     read_private_file,
@@ -1097,10 +1098,10 @@ class Engine:
         await self._server(rec)
         self._prune_execs(rec)
         directory = self._exchange(rec)
-        ahead = not (background or merged)  # the files made ahead are for the usual exec: foreground, split
-        if ahead and not rec.spares and rec.spare_making is not None:
-            await asyncio.wait([rec.spare_making], timeout=1.0)  # under way: sooner than making more beside it
-        files = rec.spares.pop(0) if ahead and rec.spares else None  # the oldest first
+        # The files made ahead are for the usual exec (foreground, split); the oldest first. None ready (execs one
+        # straight after another, faster than the files thread makes them): made here, not waited for.
+        ahead = not (background or merged)
+        files = rec.spares.pop(0) if ahead and rec.spares else None
         if files is None or files.script.parent != directory:
             if files is not None:
                 self._discard(files)
@@ -1142,7 +1143,7 @@ class Engine:
         return job
 
     # Sets of exec files a session keeps made ahead: two, so that an exec that follows another at once (an agent's
-    # loop) still finds one made while the first ran, without making more beside it.
+    # loop) still finds one, made while the one before ran.
     SPARES = 2
 
     def _replenish(self, rec: SessionRec) -> None:
@@ -1154,7 +1155,7 @@ class Engine:
         async def make() -> None:
             try:
                 while len(rec.spares) < self.SPARES:
-                    files = await asyncio.to_thread(ChannelFiles.make, server.exchange_dir)
+                    files = await in_files_thread(ChannelFiles.make, server.exchange_dir)
                     if self._sessions.get(rec.session_id) is not rec or self._stopping:
                         self._discard(files)
                         return
@@ -1169,7 +1170,7 @@ class Engine:
 
     @staticmethod
     def _discard(files: ChannelFiles) -> None:
-        asyncio.get_running_loop().run_in_executor(None, files.remove, dict(files.fds))
+        in_files_thread(files.remove, dict(files.fds))
 
     async def _follow(self, rec: SessionRec, job: ExecJob) -> None:
         """Until the exec ends: its status, then the rest of its output, then the shell let go on."""

@@ -36,14 +36,17 @@ import re
 import stat
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tmuxi import errors
 from tmuxi.models import ExecResult
 
+T = TypeVar("T")
 PIPE_SIZE = 1 << 20  # fewer wake-ups for a command that writes fast
 RC_MAX = 64
 READS_PER_WAKEUP = 16  # bytes a stream takes per loop pass, at most this many pipe buffers (others get a turn)
@@ -241,6 +244,19 @@ class TerminalEcho:
             os.close(self.fd)
             self.fd = -1
             self._pending.clear()
+
+
+_files_pool: ThreadPoolExecutor | None = None
+
+
+def in_files_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run ``fn`` (making or removing exec files) in the one thread that does that: off the event loop, and one
+    thing at a time in the exchange directories (not a pool of threads contending for them). At the same CPU
+    priority as the rest: a lower one would starve it whenever the users' processes keep the CPU busy."""
+    global _files_pool
+    if _files_pool is None:
+        _files_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exec-files")
+    return asyncio.get_running_loop().run_in_executor(_files_pool, fn, *args)
 
 
 class ChannelFiles:
@@ -502,7 +518,7 @@ class ExecChannel:
                 loop.remove_reader(fd)
         fds = dict(self._fds)
         self._fds.clear()
-        loop.run_in_executor(None, self.files.remove, fds)
+        in_files_thread(self.files.remove, fds)
 
 
 def read_private_file(path: Path, cap: int) -> bytes:

@@ -219,7 +219,7 @@ def test_another_users_exec_is_not_found(stack: Any, user: dict[str, str], sid: 
     assert r.status_code == 422 and "cursor" in r.text
 
 
-def test_an_exec_is_audited_under_its_id_and_a_refused_one_as_an_error(stack: Any, user: dict[str, str],
+def test_an_exec_and_its_input_are_audited_and_a_refusal_as_an_error(stack: Any, user: dict[str, str],
                                                                        sid: str) -> None:
     import uuid
 
@@ -238,6 +238,14 @@ def test_an_exec_is_audited_under_its_id_and_a_refused_one_as_an_error(stack: An
     assert refused["status"] == "error" and refused["detail"]["error"] == "session_busy", refused
     assert refused["detail"]["bytes"] == len("echo refused")
     assert refused["detail"]["exec_id"] not in (done["exec_id"], held["exec_id"])
+    # input, likewise: audited as it is sent, settled when the host refuses it
+    r = stack.client.post(f"/sessions/{sid}/execs/0123456789abcdef/input", json={"text": "x"}, headers=user)
+    assert r.status_code == 404, r.text
+    r = stack.client.post(f"/sessions/{sid}/execs/{held['exec_id']}/input", json={"text": "y"}, headers=user)
+    assert r.status_code == 204, r.text
+    inputs = [(e["detail"]["exec_id"], e["status"], e["detail"].get("error"))
+              for e in repo.audit_events(uuid.UUID(sid), None, 100) if e["action"] == "session.exec_input"]
+    assert inputs == [(held["exec_id"], "ok", None), ("0123456789abcdef", "error", "exec_not_found")], inputs
 
 
 def test_output_a_command_leaves_running_never_reaches_a_later_exec(stack: Any, user: dict[str, str],

@@ -12,7 +12,7 @@ from uuid import UUID
 from tmuxi.db import repo
 from tmuxi.errors import BadRequest, InvalidField, PayloadTooLarge
 from tmuxi.models import ExecInput, ExecList, ExecResult, Principal, SignalName
-from tmuxi.services.sessions import _active, _after, on_host
+from tmuxi.services.sessions import _active, _after, audited, on_host
 from tmuxi.settings import get_settings
 
 
@@ -44,15 +44,14 @@ def send_input(p: Principal, session_id: UUID, exec_id: str, body: ExecInput) ->
     if len(data) > limit:
         raise PayloadTooLarge(f"input is {len(data)} bytes; the limit is {limit}")
     row, host = _active(p, session_id)
-    on_host(row, lambda: host.exec_input(session_id, exec_id, data, body.eof))
-    _after(repo.record_activity, session_id, p.user_id, "session.exec_input",
-           {"exec_id": exec_id, "bytes": len(data), "eof": body.eof})
+    audited(p, session_id, row, "session.exec_input", {"exec_id": exec_id, "bytes": len(data), "eof": body.eof},
+            lambda: host.exec_input(session_id, exec_id, data, body.eof))
 
 
 def signal(p: Principal, session_id: UUID, exec_id: str, name: SignalName) -> None:
     row, host = _active(p, session_id)
-    on_host(row, lambda: host.signal_exec(session_id, exec_id, name))
-    _after(repo.record_activity, session_id, p.user_id, "session.exec_signal", {"exec_id": exec_id, "signal": name})
+    audited(p, session_id, row, "session.exec_signal", {"exec_id": exec_id, "signal": name},
+            lambda: host.signal_exec(session_id, exec_id, name))
 
 
 def stop(p: Principal, session_id: UUID, exec_id: str, grace_s: float) -> ExecResult:

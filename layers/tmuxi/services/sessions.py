@@ -316,14 +316,13 @@ def send_input(p: Principal, session_id: UUID, body: InputRequest) -> InputWaitR
         keys.append("Enter")
     row, host = _active(p, session_id)
     wait = body.wait
-    result = None
+    detail = {"bytes": len(data) if data is not None else 0, "keys": len(keys)}
     if wait is None:
-        on_host(row, lambda: host.send_input(session_id, data=data, keys=keys or None))
-    else:
-        result = on_host(row, lambda: host.send_and_wait(session_id, data, keys or None, wait))
-    _after(repo.record_activity, session_id, p.user_id, "session.input",
-           {"bytes": len(data) if data is not None else 0, "keys": len(keys)})
-    return result
+        audited(p, session_id, row, "session.input", detail,
+                lambda: host.send_input(session_id, data=data, keys=keys or None))
+        return None
+    return audited(p, session_id, row, "session.input", detail,
+                   lambda: host.send_and_wait(session_id, data, keys or None, wait))
 
 
 def _after(write: Callable[..., T], *args: Any) -> T | None:
@@ -349,9 +348,27 @@ def _beside(write: Callable[..., T], *args: Any) -> Future[T | None]:
     global _beside_pool
     with _beside_lock:
         if _beside_pool is None:
-            _beside_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="record")
+            # one at a time in a Lambda environment; the local gateway's workers serve several requests at once
+            _beside_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="record")
         pool = _beside_pool
     return pool.submit(contextvars.copy_context().run, _after, write, *args)  # the request's id in its log lines
+
+
+def audited(p: Principal, session_id: UUID, row: dict[str, Any], action: str, detail: dict[str, Any],
+            call: Callable[[], T]) -> T:
+    """``on_host(row, call)``, a terminal action on the session's host, with its audit event written meanwhile
+    (``_beside``): whatever the event says is known before the host answers. A refusal (the session busy or gone,
+    the host unreachable) then settles the event as an error, naming it."""
+    recorded = _beside(repo.record_activity, session_id, p.user_id, action, detail)
+    try:
+        result = on_host(row, call)
+    except AppError as exc:
+        event = recorded.result()
+        if event is not None:
+            _after(repo.settle_audit, event, "error", {"error": exc.code})
+        raise
+    recorded.result()
+    return result
 
 
 def read_screen(p: Principal, session_id: UUID, escapes: bool = False, history: int = 0) -> ScreenResponse:
@@ -379,22 +396,14 @@ def exec_command(p: Principal, session_id: UUID, body: ExecRequest) -> ExecResul
                                                     "TMUXI_EXEC_MAX_OUTPUT_BYTES)")
     req = body.model_copy(update={"timeout_s": min(body.timeout_s or s.exec_timeout_default_s, s.exec_timeout_max_s)})
     row, host = _active(p, session_id)
-    # The audit event is written while the command runs, under the exec's id, which this service gives (the host
-    # takes it); a refusal (the session busy or gone, the host unreachable) then settles it as an error.
+    # Audited under the exec's id, which this service gives (the host takes it): the event names it before the
+    # host answers.
     exec_id = os.urandom(8).hex()
-    recorded = _beside(repo.record_activity, session_id, p.user_id, "session.exec",
-                       {"bytes": size, "exec_id": exec_id, "background": body.background})
-    try:
-        result = on_host(row, lambda: host.exec(session_id, req, exec_id=exec_id))
-    except AppError as exc:
-        event = recorded.result()
-        if event is not None:
-            _after(repo.settle_audit, event, "error", {"error": exc.code})
-        raise
+    detail = {"bytes": size, "exec_id": exec_id, "background": body.background}
+    result = audited(p, session_id, row, "session.exec", detail, lambda: host.exec(session_id, req, exec_id=exec_id))
     # A command that ran `exit` (or `exec`, or failed under `set -e`) ended the session. The host reports it
     # too; whichever comes first records it.
     if result.session_ended:
         _after(repo.end_session, session_id, p.user_id, "exited", "its shell exited during an exec")
         cache.invalidate_session(str(session_id))
-    recorded.result()
     return result
