@@ -113,6 +113,17 @@ class WaitSpec(_Strict):
         return self
 
 
+def _unicode(v: str | None) -> str | None:
+    """Text to type is sent as UTF-8: a lone surrogate (JSON's "\\ud800") has no UTF-8 form."""
+    if v is not None:
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode (a lone surrogate such as \\ud800): send bytes that are not "
+                             "text as data_b64") from None
+    return v
+
+
 class InputRequest(_Strict):
     """Exactly one of ``text`` (UTF-8), ``data_b64`` (raw bytes, base64) or ``keys`` (tmux key names)."""
 
@@ -122,6 +133,8 @@ class InputRequest(_Strict):
     enter: bool = False
     wait: WaitSpec | None = Field(default=None, description="then wait (for the prompt, for quiet, for a pattern) "
                                                             "and answer with the screen")
+
+    _text = field_validator("text")(_unicode)
 
     @field_validator("keys")
     @classmethod
@@ -215,6 +228,8 @@ class ExecInput(_Strict):
     data_b64: str | None = None
     enter: bool = False
     eof: bool = Field(default=False, description="then end its input (Ctrl-D at a terminal)")
+
+    _text = field_validator("text")(_unicode)
 
     @model_validator(mode="after")
     def _one(self) -> ExecInput:

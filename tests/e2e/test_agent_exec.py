@@ -243,6 +243,9 @@ def test_an_exec_and_its_input_are_audited_and_a_refusal_as_an_error(stack: Any,
     assert r.status_code == 404, r.text
     r = stack.client.post(f"/sessions/{sid}/execs/{held['exec_id']}/input", json={"text": "y"}, headers=user)
     assert r.status_code == 204, r.text
+    r = stack.client.post(f"/sessions/{sid}/execs/{held['exec_id']}/input", content=b'{"text": "\\ud800"}',
+                          headers={**user, "content-type": "application/json"})
+    assert r.status_code == 422 and "data_b64" in r.text, r.text  # refused before anything: not audited
     inputs = [(e["detail"]["exec_id"], e["status"], e["detail"].get("error"))
               for e in repo.audit_events(uuid.UUID(sid), None, 100) if e["action"] == "session.exec_input"]
     assert inputs == [(held["exec_id"], "ok", None), ("0123456789abcdef", "error", "exec_not_found")], inputs

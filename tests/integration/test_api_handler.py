@@ -465,6 +465,13 @@ def test_oversize_input_is_413(user: tuple[str, str, Ctx], session: str) -> None
                                "message": f"input is {limit + 1} bytes; the limit is {limit}"}
 
 
+def test_input_that_is_not_unicode_is_422(user: tuple[str, str, Ctx], session: str) -> None:
+    _, token, ctx = user
+    r = invoke("input", ctx, token, body={"text": "echo \ud800"}, **_sid(session))  # JSON's "\ud800": no UTF-8
+    assert r.status == 422, r
+    assert "data_b64" in r.body["error"]["message"], r.body
+
+
 def test_unknown_session_is_404(user: tuple[str, str, Ctx]) -> None:
     _, token, ctx = user
     r = invoke("get_session", ctx, token, **_sid(str(uuid.uuid4())))
