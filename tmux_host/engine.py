@@ -131,7 +131,7 @@ def shell_state(pid: int) -> str:
     """``prompt``: process ``pid`` leads the foreground process group of its terminal (``tpgid`` in
     /proc/PID/stat), an interactive shell with no job in the foreground. ``starting``: it has no controlling
     terminal yet (just forked). ``busy``: anything else (a job runs in the foreground, or the process is gone)."""
-    try:  # os.read, not Path.read_bytes: asked on every exec, twice (a third of the time, without the file object)
+    try:  # os.read, not Path.read_bytes: asked at least twice per exec, it needs no file object
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         try:
             raw = os.read(fd, 4096)
@@ -1102,9 +1102,7 @@ class Engine:
         # straight after another, faster than the files thread makes them): made here, not waited for.
         ahead = not (background or merged)
         files = rec.spares.pop(0) if ahead and rec.spares else None
-        if files is None or files.script.parent != directory:
-            if files is not None:
-                self._discard(files)
+        if files is None:
             files = ChannelFiles.make(directory, merged=merged, background=background,
                                       history=command if background else None)
         channel = ExecChannel(files, cap)

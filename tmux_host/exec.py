@@ -10,7 +10,7 @@ short line, `` \\. '<x>.w'``. The wrapper, in the shell itself::
     { \\. '<x>.sh'; } >'<x>.o' 2>'<x>.e'                 # stdin stays the terminal: typed input reaches it
     \\eval "\\echo $? >'<x>.rc'; trap - EXIT; \\read -r _ <'<x>.a'; \\return $?"
 
-The files are made before the exec needs them (``ChannelFiles``: a session keeps a set made ahead), so that an exec
+The files are made before the exec needs them (``ChannelFiles``: a session keeps sets made ahead), so that an exec
 only writes its command.
 
 ``.o``, ``.e``, ``.rc`` and ``.a`` are FIFOs the host made and reads (writes, for ``.a``) without blocking, in the
@@ -262,13 +262,14 @@ def in_files_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 class ChannelFiles:
     """An exec's files in the account's exchange directory: the wrapper, the command file (empty until the exec
     writes its command there), and the FIFOs -- stdout, stderr (unless merged), exit status, acknowledgement, and
-    stdin for a background job -- with the host's ends open. Their name is the exec's id.
+    stdin for a background job -- with the host's ends open. Their name is the exec's id (unless the API gives it
+    one).
 
     Making them is file-system work, an inode each, and that cost is the disk's: on this project's machine a new
     inode on the journaled root file system took from 15 us to 0.6 ms, varying minute to minute -- six of them, then
-    their removal, were most of a trivial exec's time. So none of it is on an exec's path: a session keeps one set
-    made ahead, in a thread (``Engine._replenish``); an exec writes its command into the (existing) file, and its
-    files are removed in a thread after it ends. Each exec still has files of its own: nothing a command leaves
+    their removal, were most of a trivial exec's time. So none of it is on an exec's path: a session keeps sets made
+    ahead, in a thread (``Engine._replenish``); an exec writes its command into the (existing) file, and its files
+    are removed in that thread after it ends. Each exec still has files of its own: nothing a command leaves
     behind (a background process holding its stdout) ever reaches another exec."""
 
     def __init__(self, directory: Path, *, merged: bool = False, background: bool = False) -> None:
