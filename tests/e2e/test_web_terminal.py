@@ -261,8 +261,10 @@ def test_the_pane_follows_the_window_size(attached: Attached, stack: Any) -> Non
         was = _size(page)
         page.set_viewport_size({"width": width, "height": height})
         page.wait_for_function("was => tmuxi.term.cols !== was[0] && tmuxi.term.rows !== was[1]", arg=list(was))
+        # the size shown follows the terminal's (a resize can land in two steps: wait for the last, do not race it)
+        page.wait_for_function("() => document.getElementById('size').textContent === "
+                               "`${tmuxi.term.cols}x${tmuxi.term.rows}`", timeout=WAIT_S * 1000)
         now = _size(page)
-        assert page.text_content("#size") == f"{now[0]}x{now[1]}"
         wait_for(functools.partial(_pane_is, stack, attached, now), WAIT_S, 0.1, f"the pane resized to {now}")
 
 
