@@ -39,6 +39,7 @@ from tmux_host.exec import (
     ExecChannel,
     ExecJob,
     TerminalEcho,
+    clear_exchange,
     command_line,
     erase_line,
     in_files_thread,
@@ -230,6 +231,9 @@ class Engine:
         # Traversable (not listable) by the accounts: each reaches its own 0700 / 0710 directory below.
         for d in (self.base_dir, self.host_dir, self.host_dir / "x"):
             ensure_dir(d, 0o711)
+        stale = await asyncio.to_thread(clear_exchange, self.host_dir / "x")
+        if stale:
+            logger.info("exchange files of a previous run removed", extra={"count": stale})
         if self.isolation.accounts:
             check_reachable(self.base_dir)
             check_reachable(self.settings.resolved_home_dir)

@@ -259,6 +259,21 @@ def in_files_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     return asyncio.get_running_loop().run_in_executor(_files_pool, fn, *args)
 
 
+def clear_exchange(root: Path) -> int:
+    """Remove what a previous run of the host left in the accounts' exchange directories (``root``/<account>/):
+    exec files made ahead, those of execs it did not see end. Run at start, before anything of this run is there.
+    Returns how many entries it removed."""
+    removed = 0
+    for account in os.scandir(root):
+        if account.is_dir(follow_symlinks=False):
+            for entry in os.scandir(account.path):
+                if not entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
+
+
 class ChannelFiles:
     """An exec's files in the account's exchange directory: the wrapper, the command file (empty until the exec
     writes its command there), and the FIFOs -- stdout, stderr (unless merged), exit status, acknowledgement, and

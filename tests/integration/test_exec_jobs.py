@@ -4,6 +4,7 @@ whatever the shell said. Real engine, real tmux and shells, a real process of an
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -88,3 +89,23 @@ async def test_exec_files_are_made_ahead_used_once_and_gone_with_the_session(eng
     assert len(after) == engine.SPARES * per_set and not set(after) & set(ahead), (ahead, after)
     await engine.kill_session(sid)
     assert await _files_in(xdir, 0) == []
+
+
+async def test_exchange_files_a_previous_run_left_are_removed_at_start() -> None:
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="tj"))
+    d.chmod(0o711)
+    settings = Settings(socket_dir=d / "s", data_dir=d / "data", host_secret=SECRET, host_id="jobs",
+                        heartbeat_interval_s=60)
+    left = d / "s" / "jobs" / "x" / "a7"  # an account's exchange directory, as a crashed host leaves it
+    left.mkdir(parents=True)
+    (left / "0123456789abcdef.w").write_text("stale wrapper")
+    os.mkfifo(left / "0123456789abcdef.o")
+    e = Engine(settings)
+    try:
+        assert e.host_dir / "x" / "a7" == left
+        await e.start(background=False)
+        assert list(left.iterdir()) == []
+    finally:
+        await e.stop(kill_servers=True)
+        kill_tmux_servers(d)
+        shutil.rmtree(d, ignore_errors=True)
