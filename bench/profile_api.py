@@ -2,7 +2,11 @@
 `GET /sessions/{id}` event beside a bare Mangum + FastAPI route, the service call alone and one request log
 line. For whoever works on the gateway throughput target (see README, Benchmarks).
 
-    python bench/profile_api.py [--n 3000] [--cprofile] [--exec]
+    python bench/profile_api.py [--n 3000] [--cprofile] [--exec] [--clients]
+
+``--clients``: the API's host client (tmuxi/host_client.py) beside urllib3 and http.client, the same requests (a
+trivial exec, a trivial route) sent to the host by each from this process, interleaved (the order rotating): wall
+p50/p95 and CPU per call.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--cprofile", action="store_true", help="also print the top functions of the real handler")
+    ap.add_argument("--clients", action="store_true", help="the API's host client beside urllib3 and http.client")
     ap.add_argument("--exec", action="store_true", help="also where a trivial exec's time goes: the host direct, the "
                     "API handler in process, the gateway (interleaved, p50)")
     args = ap.parse_args()
@@ -94,6 +99,8 @@ def main() -> None:
         print(f"one request log line (microbench):    {log_us} us")
         if args.exec:
             exec_breakdown(st, sid, event, api, ctx, args.n // 10)
+        if args.clients:
+            compare_clients(st, sid, args.n // 10)
         if args.cprofile:
             prof = cProfile.Profile()
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
@@ -151,6 +158,70 @@ def exec_breakdown(st: Any, sid: str, get_event: dict[str, Any], api: Callable[.
     print(f"{'the engine, of the host exec':30s} p50 {engine_ms[len(engine_ms) // 2]:.3f} ms")
     host.close()
     gateway.close()
+
+
+def compare_clients(st: Any, sid: str, n: int) -> None:
+    """An exec of ``true`` and a trivial route (``GET .../execs``) sent to the host by this project's client, by
+    urllib3 (pooled, as the API used before) and by http.client (one kept connection): the same requests,
+    interleaved, the order rotating."""
+    import http.client
+    import json
+    import statistics
+
+    import urllib3
+
+    from tmuxi import registry
+    from tmuxi.host_client import HostClient
+    from tmuxi.settings import get_settings
+
+    url = registry.host_url(next(iter(st.host_ports)))
+    secret = get_settings().require_host_secret()
+    headers = {"X-Tmuxi-Host-Secret": secret, "Content-Type": "application/json"}
+
+    def body() -> bytes:
+        return json.dumps({"command": "true", "timeout_s": 20, "exec_id": os.urandom(8).hex()}).encode()
+
+    ours = HostClient(url)
+    pool = urllib3.connection_from_url(url, maxsize=8, block=False, retries=False)
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    kept = http.client.HTTPConnection(host, int(port), timeout=25)
+
+    def via_urllib3(method: str, target: str, data: bytes | None) -> bytes:
+        r = pool.request(method, target, body=data, headers=headers, timeout=urllib3.Timeout(connect=25, read=25),
+                         redirect=False, preload_content=True)
+        return bytes(r.data)
+
+    def via_http_client(method: str, target: str, data: bytes | None) -> bytes:
+        kept.request(method, target, body=data, headers=headers)
+        return kept.getresponse().read()
+
+    def via_ours(method: str, target: str, data: bytes | None) -> bytes:
+        return ours._send(method, target, data, headers, 25).content
+
+    clients = {"tmuxi.host_client": via_ours, "urllib3": via_urllib3, "http.client": via_http_client}
+    routes = {"exec `true`": ("POST", f"/v1/sessions/{sid}/exec", True, b'"exit_code":0'),
+              "GET .../execs": ("GET", f"/v1/sessions/{sid}/execs", False, b'"execs"')}
+    print(f"the host's answer by client (n = {n}, interleaved, the order rotating): wall p50 / p95 ms, CPU per call")
+    for route, (method, target, with_body, expect) in routes.items():
+        walls: dict[str, list[float]] = {k: [] for k in clients}
+        cpus: dict[str, list[float]] = {k: [] for k in clients}
+        names = list(clients)
+        for i in range(n + 20):
+            names = names[1:] + names[:1]
+            for name in names:
+                data = body() if with_body else None
+                c, t = time.process_time(), time.perf_counter()
+                out = clients[name](method, target, data)
+                wall, cpu = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
+                if expect not in out:
+                    raise SystemExit(f"{name}: {method} {target} answered {out[:200]!r}")
+                if i >= 20:
+                    walls[name].append(wall)
+                    cpus[name].append(cpu)
+        for name, xs in walls.items():
+            xs.sort()
+            print(f"  {route:14s} {name:18s} p50 {xs[len(xs) // 2]:.3f}  p95 {xs[int(len(xs) * 0.95)]:.3f}  "
+                  f"cpu {statistics.mean(cpus[name]):.3f}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
 """Small synchronous client for the tmux host's internal HTTP API (used by the Lambda functions).
 
-One pooled keep-alive ``urllib3.HTTPConnectionPool`` per host URL (module-level cache, reused across warm
-invocations; a connection the host closed while idle is noticed before reuse and replaced). urllib3, not httpx:
-the same pooled keep-alive request costs 0.63 ms p50 against httpx's 1.09 ms on this project's machine (a trivial
-host route, both from one process, interleaved), and every session route pays it once; botocore already ships it.
-Connection errors and timeouts become :class:`tmuxi.errors.HostUnavailable`; error bodies
-``{"error": {"code", "message"}}`` are mapped back to the matching :mod:`tmuxi.errors` class. The host's own
-words (its validation text, tmux's messages, its capacity) are kept as the error's internal detail for the log;
-what a client may be told comes from ``_PUBLIC`` (4xx) or the class (5xx).
+HTTP/1.1 over keep-alive sockets, one small pool per host URL (module-level, reused across warm invocations), the
+answers parsed by ``httptools`` (llhttp, the C parser uvicorn serves the hosts with). A host call is on every
+session route's path, so its client's cost is the handler's: from the API's process, interleaved
+(``bench/profile_api.py --clients``), a trivial exec took 2.66 ms p50 with this client, 3.22 with urllib3 (the
+client before) and 2.83 with ``http.client``; CPU per call 0.20, 0.77 and 0.38 ms (a trivial route: 0.55, 0.84,
+0.62 ms). What a general client adds -- proxies, TLS, redirects, retries, cookies; ``http.client`` parses headers
+with the email package -- is not needed: the hosts are this project's own servers, and no request is retried (an
+exec must never run twice) or redirected.
+
+An idle connection the host closed (its keep-alive timeout, a restart) is noticed before reuse and replaced.
+No connection: :class:`tmuxi.errors.HostUnavailable`. Sent, no whole answer (timeout, the connection dropped,
+garbage): ``HostUnavailable`` for a read, :class:`tmuxi.errors.OutcomeUnknown` for a change (it may have taken
+effect). Error bodies ``{"error": {"code", "message"}}`` are mapped back to the matching :mod:`tmuxi.errors` class.
+The host's own words (its validation text, tmux's messages, its capacity) are kept as the error's internal detail
+for the log; what a client may be told comes from ``_PUBLIC`` (4xx) or the class (5xx).
 """
 from __future__ import annotations
 
 import base64
 import json as jsonlib
+import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit
 from uuid import UUID
 
 from tmuxi import errors
@@ -26,11 +35,11 @@ from tmuxi.settings import Settings, get_settings
 from tmuxi.snapstart import deferred_import
 
 if TYPE_CHECKING:
-    import urllib3
+    import httptools
 else:
-    # ~55 ms at import: paid by the first request that calls a host (the api's session routes, the ws
-    # function's attach), not by every cold start; before a SnapStart snapshot, ahead (tmuxi/snapstart.py)
-    urllib3 = deferred_import("urllib3")
+    # ~5 ms at import: paid by the first request that calls a host (the api's session routes, the ws function's
+    # attach), not by every cold start; before a SnapStart snapshot, ahead (tmuxi/snapstart.py)
+    httptools = deferred_import("httptools")
 
 SECRET_HEADER = "X-Tmuxi-Host-Secret"  # noqa: S105 - a header name, not a secret
 # The id of the API request a host call serves (API Gateway's requestId): the host logs under it.
@@ -150,28 +159,177 @@ _PUBLIC: dict[str, str] = {
     "rate_limited": "too many requests; slow down",
 }
 
-_clients: dict[str, urllib3.HTTPConnectionPool] = {}
-_clients_lock = threading.Lock()
 KEEPALIVE_CONNECTIONS = 8  # per host, kept between requests; more may open at once, and are closed after use
+RECV_BYTES = 256 * 1024
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")  # in a request target or a header value: would split the request
 
 
-def _pooled(base_url: str) -> urllib3.HTTPConnectionPool:
-    with _clients_lock:
-        client = _clients.get(base_url)
-        if client is None or client.pool is None:
-            # retries=False: a request is sent once (an exec must never run twice); redirects are not followed
-            client = urllib3.connection_from_url(base_url, maxsize=KEEPALIVE_CONNECTIONS, block=False,
-                                                 retries=False)
-            _clients[base_url] = client
-        return client
+class _Unreachable(Exception):
+    """No connection to the host (refused, unreachable, timed out connecting): nothing was sent."""
+
+
+class _NoAnswer(Exception):
+    """The request was sent (or may have been) and no whole answer came: a timeout, the connection dropped, bytes
+    that are not HTTP."""
+
+
+class Headers(dict[str, str]):
+    """An answer's headers, by lower-case name; ``get``/``[]`` take any case."""
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+
+class _Answer:
+    """The parser's callbacks for one answer."""
+
+    __slots__ = ("complete", "headers", "keep_alive", "parser", "parts")
+
+    def __init__(self) -> None:
+        self.headers = Headers()
+        self.parts: list[bytes] = []
+        self.complete = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # only now: the parser forgets it for the next answer
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """An idle connection has nothing to read: anything readable -- the host's FIN (its keep-alive timeout, a
+    restart) or bytes it had no business sending -- means it cannot carry another request."""
+    try:
+        sock.setblocking(False)  # a socket with a timeout would wait for something to read first
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class _Pool:
+    """Keep-alive connections to one host: a request takes an idle one (or opens one), and gives it back after a
+    whole answer the host did not close; at most ``KEEPALIVE_CONNECTIONS`` are kept idle."""
+
+    def __init__(self, base_url: str) -> None:
+        url = urlsplit(base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"a tmux host's URL is http://host:port, not {base_url!r}")
+        self.address = (url.hostname, url.port or 80)
+        self.host = url.netloc
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str],
+                timeout_s: float) -> HostResponse:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        if _UNSAFE.search(target) or any(_UNSAFE.search(v.replace(" ", "")) for v in headers.values()):
+            raise ValueError(f"control characters in a host request ({method} {target[:100]!r})")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        sock = self._take()
+        if sock is None:
+            sock = self._connect(timeout_s)
+        else:
+            sock.settimeout(timeout_s)
+        try:
+            sock.sendall(head + body if body else head)  # one write: one packet for a small request
+            answer, keep = self._read(sock)
+        except (OSError, httptools.HttpParserError) as exc:
+            sock.close()
+            raise _NoAnswer(type(exc).__name__) from exc
+        except BaseException:
+            sock.close()
+            raise
+        if keep:
+            self._give(sock)
+        else:
+            sock.close()
+        return answer
+
+    @staticmethod
+    def _read(sock: socket.socket) -> tuple[HostResponse, bool]:
+        answer = _Answer()
+        while not answer.complete:
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise ConnectionResetError("the host closed the connection before its answer was whole")
+            answer.parser.feed_data(data)
+        return (HostResponse(answer.parser.get_status_code(), b"".join(answer.parts), answer.headers),
+                answer.keep_alive)
+
+    def _connect(self, timeout_s: float) -> socket.socket:
+        try:
+            sock = socket.create_connection(self.address, timeout=timeout_s)
+        except TimeoutError as exc:
+            raise _Unreachable("timed out connecting") from exc
+        except OSError as exc:
+            raise _Unreachable(type(exc).__name__) from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _take(self) -> socket.socket | None:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                sock = self._idle.pop()  # the most recently used: the least likely to have timed out
+            if _still_open(sock):
+                return sock
+            sock.close()
+
+    def _give(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.closed and len(self._idle) < KEEPALIVE_CONNECTIONS:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+_pools: dict[str, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(base_url: str) -> _Pool:
+    with _pools_lock:
+        pool = _pools.get(base_url)
+        if pool is None:
+            pool = _pools[base_url] = _Pool(base_url)
+        return pool
 
 
 def close_all() -> None:
-    """Close every pooled connection (tests, shutdown)."""
-    with _clients_lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
+    """Close every pooled connection (tests, shutdown, a restored SnapStart snapshot)."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
 
 
 @dataclass(frozen=True)
@@ -215,10 +373,7 @@ class HostClient:
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
               timeout_s: float) -> HostResponse:
-        r = _pooled(self.base_url).request(
-            method, path, body=body, headers=headers, timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-            redirect=False, preload_content=True)
-        return HostResponse(r.status, r.data, r.headers)
+        return _pool(self.base_url).request(method, path, body, headers, timeout_s)
 
     # --- plumbing ----------------------------------------------------------------------------------
     def _request(
@@ -239,15 +394,13 @@ class HostClient:
             path = f"{path}?{urlencode(params)}"
         try:
             resp = self._send(method, path, body, headers, timeout_s if timeout_s is not None else self.timeout_s)
-        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as exc:
+        except _NoAnswer as exc:
             # sent, no answer (or the connection dropped mid-answer): a request that changes something may have
             # taken effect
             cls = errors.HostUnavailable if method in ("GET", "HEAD") else errors.OutcomeUnknown
-            raise cls(f"tmux host {self.base_url}: no answer to {method} {path} ({type(exc).__name__})") from exc
-        except urllib3.exceptions.TimeoutError as exc:
-            raise errors.HostUnavailable(f"tmux host {self.base_url} timed out ({method} {path})") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise errors.HostUnavailable(f"tmux host {self.base_url} unreachable: {type(exc).__name__}") from exc
+            raise cls(f"tmux host {self.base_url}: no answer to {method} {path} ({exc})") from exc
+        except _Unreachable as exc:
+            raise errors.HostUnavailable(f"tmux host {self.base_url} unreachable ({exc}; {method} {path})") from exc
         if resp.status_code >= 400:
             raise self._to_error(resp, self.base_url)
         return resp
@@ -364,10 +517,8 @@ class HostClient:
         """``/health`` (no secret needed). Returns the body even when the host says 503."""
         try:
             resp = self._send("GET", "/health", None, {}, self.timeout_s)
-        except urllib3.exceptions.TimeoutError as exc:
-            raise errors.HostUnavailable(f"tmux host {self.base_url} timed out (health)") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise errors.HostUnavailable(f"tmux host {self.base_url} unreachable: {type(exc).__name__}") from exc
+        except (_NoAnswer, _Unreachable) as exc:
+            raise errors.HostUnavailable(f"tmux host {self.base_url} did not answer its health check ({exc})") from exc
         try:
             return _obj(resp)
         except ValueError as exc:

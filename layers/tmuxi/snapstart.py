@@ -9,7 +9,7 @@ secrets and AWS credentials.
 * ``deferred_import(name)``: the one lazy-import point of the core. A heavy library that only some requests
   use is imported on first attribute access instead of at module import. Measured on this project's machine
   (bench/bench_coldstart.py): redis ~100 ms (redis-py imports its asyncio client whatever is used), psycopg
-  ~110 ms (its libpq lookup imports ctypes.util), urllib3 ~55 ms, boto3 ~150 ms. Without SnapStart (the local
+  ~110 ms (its libpq lookup imports ctypes.util), httptools ~5 ms, boto3 ~150 ms. Without SnapStart (the local
   stack, a function without it) this takes them off every cold start of a function that does not need them.
 * ``install()``, which every handler calls at module level: with SnapStart (``snapshot_restore_py``, which
   Lambda's Python runtime provides; absent elsewhere, where this does nothing) the deferred libraries are

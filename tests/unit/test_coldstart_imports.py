@@ -1,5 +1,5 @@
 """A cold start imports what the first request needs and creates nothing (tmuxi/snapstart.py): in a fresh
-interpreter, importing a Lambda handler leaves the libraries some requests need (redis, psycopg, urllib3,
+interpreter, importing a Lambda handler leaves the libraries some requests need (redis, psycopg, httptools,
 prometheus_client, boto3) unimported, starts no thread and opens no pool, client or connection -- so nothing of
 the kind can be in a SnapStart snapshot -- and the before-snapshot hook then imports those libraries, still
 without a connection. bench/bench_coldstart.py measures what this saves."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFERRED = ["redis", "psycopg", "psycopg_pool", "urllib3", "prometheus_client", "boto3",
+DEFERRED = ["redis", "psycopg", "psycopg_pool", "httptools", "prometheus_client", "boto3",
             "aws_lambda_powertools.utilities.parameters"]
 
 PROBE = """
@@ -26,7 +26,7 @@ def state():
     return {"imported": [m for m in %r if sys.modules.get(m) is not None],
             "threads": sorted(t.name for t in threading.enumerate()),
             "pool": pool._pool is not None, "redis_client": cache._gate._client is not None,
-            "secrets_client": secrets._provider is not None, "host_clients": len(host_client._clients)}
+            "secrets_client": secrets._provider is not None, "host_clients": len(host_client._pools)}
 
 at_import = state()
 from snapshot_restore_py import get_before_snapshot

@@ -62,12 +62,12 @@ def test_after_restore_drops_pools_clients_and_cached_secrets(configured: None) 
     assert cache._gate.client() is not None
     provider = secrets._secrets()
     provider.store["tmuxi/app"] = "cached before the snapshot"  # type: ignore[index,assignment]
-    host_client._pooled("http://127.0.0.1:1")
+    host_client._pool("http://127.0.0.1:1")
     _restore()
     assert pool._pool is None and made_pool.closed
     assert cache._gate._client is None
     assert secrets._provider is None and not provider.store  # the cache and the client with its credentials
-    assert host_client._clients == {}
+    assert host_client._pools == {}
     # and each is made anew on next use
     assert pool.get_pool() is not made_pool
     assert secrets._secrets() is not provider
