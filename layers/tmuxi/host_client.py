@@ -19,10 +19,12 @@ for the log; what a client may be told comes from ``_PUBLIC`` (4xx) or the class
 from __future__ import annotations
 
 import base64
+import copy
 import json as jsonlib
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -236,8 +238,9 @@ class _Pool:
         self._lock = threading.Lock()
         self.closed = False
 
-    def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str],
-                timeout_s: float) -> HostResponse:
+    def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str], timeout_s: float,
+                meanwhile: Callable[[], object] | None = None) -> HostResponse:
+        """Send the request and read the answer; ``meanwhile`` runs between the two, while the host works."""
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
@@ -252,6 +255,8 @@ class _Pool:
             sock.settimeout(timeout_s)
         try:
             sock.sendall(head + body if body else head)  # one write: one packet for a small request
+            if meanwhile is not None:
+                meanwhile()
             answer, keep = self._read(sock)
         except (OSError, httptools.HttpParserError) as exc:
             sock.close()
@@ -370,10 +375,20 @@ class HostClient:
         self.base_url = base_url.rstrip("/")
         self._secret = secret if secret is not None else self.settings.require_host_secret()
         self.timeout_s = timeout_s if timeout_s is not None else self.settings.host_timeout_s
+        self._meanwhile: Callable[[], object] | None = None
+
+    def meanwhile(self, work: Callable[[], object]) -> HostClient:
+        """This client, doing ``work`` once its next request is sent and before reading the answer: the caller's
+        own round trip (the audit event's commit) overlaps the host's work, in the same thread. ``work`` does not
+        run when the request could not be sent (no connection)."""
+        client = copy.copy(self)
+        client._meanwhile = work
+        return client
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
               timeout_s: float) -> HostResponse:
-        return _pool(self.base_url).request(method, path, body, headers, timeout_s)
+        work, self._meanwhile = self._meanwhile, None
+        return _pool(self.base_url).request(method, path, body, headers, timeout_s, work)
 
     # --- plumbing ----------------------------------------------------------------------------------
     def _request(

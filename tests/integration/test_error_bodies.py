@@ -160,6 +160,10 @@ def test_silent_stopped_or_unknown_host_is_503_without_details(tiny_host: TinyHo
     r = invoke("input", ctx, token, body={"text": "x"}, **sid)
     assert r.status == 503, r
     assert_clean(r, tiny_host.host_id)
+    # each input is audited, sent or not, and settled with what became of it (newest first)
+    inputs = [(e["status"], e["detail"].get("error"))
+              for e in repo.audit_events(uuid.UUID(created.body["id"]), None, 100) if e["action"] == "session.input"]
+    assert inputs == [("error", "host_unavailable"), ("error", "outcome_unknown")], inputs
     tiny_host.claim()
     assert invoke("screen", ctx, token, **sid).status == 200
     assert invoke("delete_session", ctx, token, **sid).status == 204

@@ -190,3 +190,38 @@ def test_a_host_that_refuses_connections_is_unavailable() -> None:
     s.close()  # nothing listens there now
     with pytest.raises(errors.HostUnavailable, match="unreachable"):
         HostClient(url, secret="s" * 32, timeout_s=1.0, settings=Settings())._request("POST", "/v1/x", json={})
+
+
+def test_meanwhile_runs_once_the_request_is_sent_and_before_its_answer(peer: Callable[[Serve], Peer]) -> None:
+    """What a service overlaps with the host's work (the audit event's commit, services.sessions.audited): the host
+    has the request while it runs, and answers only after it here -- so it ran before the answer was read."""
+    ran = threading.Event()
+    seen: list[int] = []
+
+    def answer_after_meanwhile(conn: socket.socket, _: bytes) -> bool:
+        if ran.wait(2):
+            conn.sendall(OK)
+        return True
+
+    def work() -> None:
+        time.sleep(0.05)
+        seen.append(len(p.requests))  # the host already had the request
+        ran.set()
+
+    p = peer(answer_after_meanwhile)
+    c = client(p)
+    assert c.meanwhile(work)._request("POST", "/v1/x", json={}).json() == {"ok": True}
+    assert seen == [1]
+    c._request("POST", "/v1/x", json={})  # once: the client it came from does not run it again
+    assert seen == [1]
+
+
+def test_meanwhile_does_not_run_when_nothing_could_be_sent() -> None:
+    s = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    ran: list[bool] = []
+    c = HostClient(url, secret="s" * 32, timeout_s=1.0, settings=Settings()).meanwhile(lambda: ran.append(True))
+    with pytest.raises(errors.HostUnavailable):
+        c._request("POST", "/v1/x", json={})
+    assert ran == []

@@ -45,13 +45,13 @@ def send_input(p: Principal, session_id: UUID, exec_id: str, body: ExecInput) ->
         raise PayloadTooLarge(f"input is {len(data)} bytes; the limit is {limit}")
     row, host = _active(p, session_id)
     audited(p, session_id, row, "session.exec_input", {"exec_id": exec_id, "bytes": len(data), "eof": body.eof},
-            lambda: host.exec_input(session_id, exec_id, data, body.eof))
+            host, lambda h: h.exec_input(session_id, exec_id, data, body.eof))
 
 
 def signal(p: Principal, session_id: UUID, exec_id: str, name: SignalName) -> None:
     row, host = _active(p, session_id)
     audited(p, session_id, row, "session.exec_signal", {"exec_id": exec_id, "signal": name},
-            lambda: host.signal_exec(session_id, exec_id, name))
+            host, lambda h: h.signal_exec(session_id, exec_id, name))
 
 
 def stop(p: Principal, session_id: UUID, exec_id: str, grace_s: float) -> ExecResult:
