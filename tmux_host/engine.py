@@ -1066,7 +1066,8 @@ class Engine:
         # Starting execs in one session is serialized (each types a line); waiting counts against the timeout.
         waited = time.monotonic()
         try:
-            await asyncio.wait_for(rec.exec_lock.acquire(), timeout)
+            async with asyncio.timeout(timeout):  # (a free lock is taken without a turn of the loop)
+                await rec.exec_lock.acquire()
         except TimeoutError:
             raise errors.SessionBusy("another exec is still starting in this session") from None
         try:
@@ -1089,8 +1090,7 @@ class Engine:
             rec.exec_lock.release()
         remaining = timeout - (time.monotonic() - waited)
         if remaining > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(job.done), remaining)
+            await asyncio.wait([job.done], timeout=remaining)  # (the job goes on at the timeout)
         if job.running and on_timeout == "kill":
             TIMEOUTS.labels(component="host", operation="exec").inc()
             job.killed = True
