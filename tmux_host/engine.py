@@ -1106,6 +1106,8 @@ class Engine:
         # straight after another, faster than the files thread makes them): made here, not waited for.
         ahead = not (background or merged)
         files = rec.spares.pop(0) if ahead and rec.spares else None
+        if ahead and not rec.spares:
+            self._replenish(rec)  # the last one taken (execs in a burst): the next now, not after this one
         if files is None:
             files = ChannelFiles.make(directory, merged=merged, background=background,
                                       history=command if background else None)
