@@ -1204,14 +1204,18 @@ class Engine:
             # Its files' removal and the next exec's set (both in the files thread): once this exec's answer has gone
             # out -- written within a fraction of a millisecond of the job's end -- not while it is being written,
             # the two taking turns at the interpreter lock (measured: 0.1-0.2 ms p50 more on the exec's path).
-            asyncio.get_running_loop().call_later(self.TIDY_AFTER_S, self._tidy, rec, job)
+            self._spawn(self._tidy(rec, job), f"exec-tidy-{job.id}")
 
     TIDY_AFTER_S = 0.002
 
-    def _tidy(self, rec: SessionRec, job: ExecJob) -> None:
-        job.channel.close()
-        if not job.background:
-            self._replenish(rec)  # the next exec's files: made now, between execs, not during one
+    async def _tidy(self, rec: SessionRec, job: ExecJob) -> None:
+        try:
+            if not self._stopping:
+                await asyncio.sleep(self.TIDY_AFTER_S)
+        finally:  # at once when the host stops (the task is cancelled)
+            job.channel.close()
+            if not job.background:
+                self._replenish(rec)  # the next exec's files: made now, between execs, not during one
 
     def _shell_alive(self, rec: SessionRec) -> bool:
         if self._sessions.get(rec.session_id) is not rec:
