@@ -255,14 +255,21 @@ class _Pool:
             sock.settimeout(timeout_s)
         try:
             sock.sendall(head + body if body else head)  # one write: one packet for a small request
-            if meanwhile is not None:
-                meanwhile()
-            answer, keep = self._read(sock)
-        except (OSError, httptools.HttpParserError) as exc:
+        except OSError as exc:
             sock.close()
             raise _NoAnswer(type(exc).__name__) from exc
-        except BaseException:
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                sock.close()  # the answer is not read: the connection cannot carry another request
+                raise
+        try:
+            answer, keep = self._read(sock)
+        except BaseException as exc:
             sock.close()
+            if isinstance(exc, OSError | httptools.HttpParserError):
+                raise _NoAnswer(type(exc).__name__) from exc
             raise
         if keep:
             self._give(sock)

@@ -225,3 +225,17 @@ def test_meanwhile_does_not_run_when_nothing_could_be_sent() -> None:
     with pytest.raises(errors.HostUnavailable):
         c._request("POST", "/v1/x", json={})
     assert ran == []
+
+
+def test_what_meanwhile_raises_is_its_own_and_its_unread_answer_never_reaches_the_next_request(
+        peer: Callable[[Serve], Peer]) -> None:
+    p = peer(keep)
+    c = client(p)
+
+    def broken() -> None:
+        raise OSError("the caller's own failure, not the host's")
+
+    with pytest.raises(OSError, match="caller's own"):  # not turned into "the host did not answer"
+        c.meanwhile(broken)._request("POST", "/v1/x", json={})
+    assert c._request("GET", "/v1/y").json() == {"ok": True}
+    assert p.connections == 2  # the first connection, its answer unread, was closed
