@@ -9,6 +9,7 @@ services write is private to the user running them.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import hashlib
@@ -298,6 +299,10 @@ class EmbeddedPostgres:
         pgdata = self.data_dir.expanduser().resolve()
         if (pgdata / "postmaster.pid").exists():
             self._pg_ctl_stop(pgdata)
+        if self._server is not None:
+            # The wheel's exit hook (cleanup_mode=None: it would only take its lock) would re-create its lock file
+            # in a runtime dir that may be gone by then, leaving an empty tree behind in /tmp after every stack.
+            atexit.unregister(self._server._cleanup)
         self._server = None
         self._started = False
 
