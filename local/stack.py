@@ -333,6 +333,14 @@ class LocalStack:
             self._forget("scheduler")
             self._launch_scheduler()
 
+    def stop_scheduler(self) -> None:
+        """Stop the scheduled maintenance; the supervisor leaves it stopped (``start_scheduler`` starts it again)."""
+        with self._lock:
+            self._forget("scheduler")
+            proc = self._unregister("scheduler")
+            if proc is not None:
+                _stop_proc(proc, signal.SIGTERM)
+
     def _launch_scheduler(self, abort: threading.Event | None = None) -> None:
         """Scheduled maintenance (every task of tmuxi/schedules.py on its rate), as EventBridge invokes it in AWS."""
         _log("starting the scheduler (maintenance tasks on the schedules of tmuxi/schedules.py) ...")

@@ -5,6 +5,7 @@ by this file); the client is the project's own, unmocked. A real host is behind 
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -44,7 +45,7 @@ class Peer:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # the client may drop the connection (a reset): it is done with it
             buf = b""
             while True:
                 while b"\r\n\r\n" not in buf:
